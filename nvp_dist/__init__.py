@@ -1,0 +1,2 @@
+"""nvp-dist: Real NVP at scale."""
+__version__ = "0.1.0"

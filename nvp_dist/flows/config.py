@@ -1,0 +1,32 @@
+"""The model's typed configuration. Defaults are the paper's CIFAR-10 architecture."""
+from dataclasses import dataclass
+from enum import Enum
+
+
+class CouplingForm(str, Enum):
+    paper = "paper"  # y2 = x2 * exp(s) + t   (the paper's equation 7)
+    official = "official"  # y2 = (x2 + t) * exp(s)   (the released TensorFlow code)
+
+
+@dataclass
+class ModelConfig:
+    in_channels: int = 3
+    image_size: int = 32
+    # Number of scales; every scale but the last ends with squeeze + factor-out of half the channels.
+    num_scales: int = 2
+    # s/t ResNet: residual blocks and feature maps at the first scale (doubled at every later scale).
+    res_blocks: int = 8
+    mid_channels: int = 64
+    coupling_form: CouplingForm = CouplingForm.paper
+    # Feed the checkerboard mask to the s/t network as an extra input channel (the official code does).
+    mask_input: bool = True
+    # Batch normalisation as a flow layer after every coupling (the paper); false reproduces the peers
+    # that dropped it, and makes a fresh model exactly the identity.
+    coupling_bn: bool = True
+    # PyTorch convention: running = (1 - momentum) * running + momentum * batch.
+    bn_momentum: float = 0.05
+    bn_eps: float = 1e-4
+    # Length of an optional conditioning vector (class one-hot or attributes) fed to every s/t network.
+    cond_dim: int = 0
+    # Logit preprocessing: y = logit(alpha + (1 - 2 alpha) x).
+    alpha: float = 0.05

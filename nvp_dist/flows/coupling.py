@@ -1,0 +1,104 @@
+"""Affine coupling layers with checkerboard and channel-wise masks (the paper's section 3.3-3.4).
+
+A mask b is 1 on the elements a coupling keeps. With s = c * tanh(raw_s) and (raw_s, t) = NN(b * x):
+  paper form    y = b * x + (1 - b) * (x * exp(s) + t)
+  official form y = b * x + (1 - b) * ((x + t) * exp(s))
+and log|det dy/dx| = sum of s over the changed elements. The s/t network may run in bf16; the coupling
+arithmetic and its log-determinant run in the dtype of x (float32 or float64), never lower.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import nn
+
+from nvp_dist.flows.config import CouplingForm
+from nvp_dist.flows.resnet import STNetwork
+
+
+@functools.lru_cache(maxsize=64)
+def _checkerboard(h: int, w: int, parity: int) -> torch.Tensor:
+    i = torch.arange(h).view(-1, 1)
+    j = torch.arange(w).view(1, -1)
+    return ((i + j + parity) % 2 == 0).float()
+
+
+def checkerboard_mask(c: int, h: int, w: int, parity: int, device=None) -> torch.Tensor:
+    """[1, C, H, W]: 1 where (row + col + parity) is even. Parity 0 keeps the top-left pixel."""
+    return _checkerboard(h, w, parity).to(device).expand(1, c, h, w)
+
+
+def channel_mask(c: int, h: int, w: int, half: int, device=None) -> torch.Tensor:
+    """[1, C, H, W]: 1 on the first half of the channels (half=0) or on the second half (half=1)."""
+    keep = torch.zeros(c, device=device)
+    if half == 0:
+        keep[: c // 2] = 1
+    else:
+        keep[c // 2:] = 1
+    return keep.view(1, c, 1, 1).expand(1, c, h, w)
+
+
+class AffineCoupling(nn.Module):
+    def __init__(self, kind: str, parity: int, channels: int, mid_channels: int, blocks: int,
+                 form: CouplingForm = CouplingForm.paper, mask_input: bool = True, cond_dim: int = 0):
+        super().__init__()
+        if kind not in ("checkerboard", "channel"):
+            raise ValueError(f"unknown coupling kind {kind!r}")
+        self.kind, self.parity, self.channels = kind, parity, channels
+        self.form = CouplingForm(form)
+        self.mask_input = mask_input and kind == "checkerboard"
+        if kind == "checkerboard":
+            net_in, net_out = channels + int(self.mask_input), channels
+        else:
+            net_in, net_out = channels // 2, channels - channels // 2
+        self.net = STNetwork(net_in, mid_channels, net_out, blocks, cond_dim)
+        # One learned scalar bounding s (the official code's init: 0 checkerboard, 1 channel-wise).
+        self.scale = nn.Parameter(torch.tensor(0.0 if kind == "checkerboard" else 1.0))
+
+    def mask(self, h: int, w: int, device=None) -> torch.Tensor:
+        fn = checkerboard_mask if self.kind == "checkerboard" else channel_mask
+        return fn(self.channels, h, w, self.parity, device)
+
+    def _split(self, x: torch.Tensor):
+        half = self.channels // 2
+        a, b = x[:, :half], x[:, half:]
+        return (a, b) if self.parity == 0 else (b, a)
+
+    def _join(self, keep: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+        return torch.cat((keep, change) if self.parity == 0 else (change, keep), dim=1)
+
+    def _s_t(self, net_in: torch.Tensor, cond: Optional[torch.Tensor], dtype: torch.dtype):
+        net_dtype = self.net.in_conv.v.dtype
+        raw_s, t = self.net(net_in.to(net_dtype), cond)
+        # Back to the flow's dtype before tanh/exp: the bound and the log-det stay in float32 or wider.
+        s = self.scale.to(dtype) * torch.tanh(raw_s.to(dtype))
+        return s, t.to(dtype)
+
+    def _checker_s_t(self, x: torch.Tensor, cond):
+        b = self.mask(x.shape[2], x.shape[3], x.device).to(x.dtype)
+        net_in = x * b
+        if self.mask_input:
+            net_in = torch.cat([net_in, b[:, :1].expand(x.shape[0], 1, -1, -1)], dim=1)
+        s, t = self._s_t(net_in, cond, x.dtype)
+        return b, s * (1 - b), t * (1 - b)
+
+    def forward(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None):
+        if self.kind == "checkerboard":
+            _, s, t = self._checker_s_t(x, cond)
+            y = x * torch.exp(s) + t if self.form is CouplingForm.paper else (x + t) * torch.exp(s)
+            return y, s.flatten(1).sum(1)
+        keep, change = self._split(x)
+        s, t = self._s_t(keep, cond, x.dtype)
+        change = change * torch.exp(s) + t if self.form is CouplingForm.paper else (change + t) * torch.exp(s)
+        return self._join(keep, change), s.flatten(1).sum(1)
+
+    def inverse(self, y: torch.Tensor, cond: Optional[torch.Tensor] = None):
+        if self.kind == "checkerboard":
+            _, s, t = self._checker_s_t(y, cond)  # y * b == x * b: the kept half is unchanged
+            return (y - t) * torch.exp(-s) if self.form is CouplingForm.paper else y * torch.exp(-s) - t
+        keep, change = self._split(y)
+        s, t = self._s_t(keep, cond, y.dtype)
+        change = (change - t) * torch.exp(-s) if self.form is CouplingForm.paper else change * torch.exp(-s) - t
+        return self._join(keep, change)

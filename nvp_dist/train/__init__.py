@@ -1,0 +1,1 @@
+"""Training: the distributed environment, the DeepSpeed engine, checkpoints and the loop."""
