@@ -90,3 +90,14 @@ def validate(cfg: Config) -> None:
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_from_yaml(text: str) -> Config:
+    """The typed config a checkpoint carries (the text `to_yaml` wrote), validated like a file."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    except OmegaConfBaseException as err:
+        raise _explain(err, "stored config") from None
+    typed: Config = OmegaConf.to_object(cfg)
+    validate(typed)
+    return typed

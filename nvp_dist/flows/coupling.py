@@ -54,8 +54,9 @@ class AffineCoupling(nn.Module):
         else:
             net_in, net_out = channels // 2, channels - channels // 2
         self.net = STNetwork(net_in, mid_channels, net_out, blocks, cond_dim)
-        # One learned scalar bounding s (the official code's init: 0 checkerboard, 1 channel-wise).
-        self.scale = nn.Parameter(torch.tensor(0.0 if kind == "checkerboard" else 1.0))
+        # One learned scalar bounding s (the official code's init: 0 checkerboard, 1 channel-wise); shape [1]
+        # rather than [] because DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes.
+        self.scale = nn.Parameter(torch.full((1,), 0.0 if kind == "checkerboard" else 1.0))
 
     def mask(self, h: int, w: int, device=None) -> torch.Tensor:
         fn = checkerboard_mask if self.kind == "checkerboard" else channel_mask

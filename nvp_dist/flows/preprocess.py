@@ -42,13 +42,17 @@ def bits_per_dim(model, x: torch.Tensor, cond: Optional[torch.Tensor] = None,
     bpd = [-log N(f(y)) - log|det df/dy| - log|det dy/dx| + D ln 256] / (D ln 2), D = C*H*W.
     Computed in float32 (float64 if the model is float64), whatever dtype the s/t networks use.
     """
-    from nvp_dist.flows.realnvp import log_standard_normal  # realnvp imports this module
-
     dtype = torch.float64 if _param_dtype(model) == torch.float64 else torch.float32
     y, logdet_pre = to_logit(dequantize(x, noise, generator, dtype), model.cfg.alpha)
     zs, logdet = model(y, cond)
-    d = x[0].numel()
-    nll = -(log_standard_normal(zs) + logdet.to(dtype) + logdet_pre) + d * math.log(256)
+    return bits_from_latents(zs, logdet, logdet_pre, x[0].numel())
+
+
+def bits_from_latents(zs, logdet: torch.Tensor, logdet_pre: torch.Tensor, d: int) -> torch.Tensor:
+    """Per-example bits/dim from the flow's outputs and the preprocessing log-det (D = d dimensions)."""
+    from nvp_dist.flows.realnvp import log_standard_normal  # realnvp imports this module
+
+    nll = -(log_standard_normal(zs) + logdet.to(logdet_pre.dtype) + logdet_pre) + d * math.log(256)
     return nll / (d * math.log(2))
 
 

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 @dataclass
 class MetricsConfig:
     enabled: bool = True
-    # Each rank serves on port + local_rank.
+    # Each rank serves on port + local_rank (the pods' metrics-N container ports); 0 lets each rank take a
+    # free port of the kernel's choosing (tests, several jobs on one machine).
     port: int = 9400
+    # 127.0.0.1 keeps a workstation's endpoints private; k8s/configmap.yaml sets 0.0.0.0 for the scraper.
     bind: str = "127.0.0.1"

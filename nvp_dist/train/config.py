@@ -1,31 +1,73 @@
-"""The trainer's typed configuration. Defaults follow the paper (Adam 1e-3, batch 64, L2 5e-5)."""
+"""The trainer's typed configuration. Defaults follow the paper and its official code: Adam lr 1e-3,
+batch 64, L2 5e-5 on weight-norm magnitudes and tanh scales, global-norm clipping at 100."""
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, List
+
+PRECISIONS = ("fp32", "bf16")
+CHECKPOINTING = ("none", "coupling", "scale")
 
 
 @dataclass
 class TrainConfig:
+    # Run directory: checkpoints/, samples/, metrics.jsonl, model_fp32.pt.
     out_dir: str = "runs/unnamed"
     seed: int = 0
     steps: int = 1000
-    # Global batch (all ranks); must divide by world size x grad_accum.
+    # Global batch over all ranks and accumulation steps; must divide by world size x grad_accum.
     batch_size: int = 64
     grad_accum: int = 1
     lr: float = 1e-3
-    # L2 on weight-norm magnitudes and tanh scales only (the paper's regulariser).
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    # The paper's L2 on weight-norm magnitudes and tanh scales only, as coefficient of sum(p^2) in the loss.
     l2: float = 5e-5
+    # Global gradient-norm clipping (the official code's 100); 0 turns it off.
     grad_clip: float = 100.0
     warmup_steps: int = 0
+    # Cosine decay from lr to lr * min_lr_ratio over the steps after warm-up.
     cosine: bool = False
+    min_lr_ratio: float = 0.0
+    # Polyak averaging of the weights (0 = off); evaluation, samples and export then use the averages.
     ema_decay: float = 0.0
     zero_stage: int = 1
+    # fp32, or bf16: s/t networks in bf16; couplings' exp/log-det, batch-norm statistics, preprocessing
+    # and the loss in float32.
     precision: str = "fp32"
+    # torch.utils.checkpoint around each coupling (+ its batch norm) or each scale.
     activation_checkpointing: str = "none"
-    memory: str = "standard"
+    # Batch-norm statistics over the global batch (all ranks) rather than each rank's share.
+    sync_bn: bool = True
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     eval_every: int = 500
+    # Evaluate on at most this many batches per rank (0 = the whole split).
+    eval_batches: int = 0
     log_every: int = 50
+    samples_per_grid: int = 64
+    # A non-finite loss or gradient skips the step on every rank; this many in a row stop the run.
     max_consecutive_skips: int = 10
+    # Fault injection for tests: make the loss NaN at these steps on `inject_nan_rank` (-1 = every rank).
+    inject_nan_steps: List[int] = field(default_factory=list)
+    inject_nan_rank: int = -1
     # Raw DeepSpeed keys merged over the generated DeepSpeed config (escape hatch).
     deepspeed: Dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        checks = [
+            (self.precision in PRECISIONS, f"train.precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (self.activation_checkpointing in CHECKPOINTING,
+             f"train.activation_checkpointing must be one of {CHECKPOINTING}, got {self.activation_checkpointing!r}"),
+            (self.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0-3, got {self.zero_stage}"),
+            (self.batch_size > 0 and self.grad_accum > 0, "train.batch_size and train.grad_accum must be positive"),
+            (self.batch_size % self.grad_accum == 0,
+             f"train.batch_size={self.batch_size} does not divide by train.grad_accum={self.grad_accum}"),
+            (0 <= self.ema_decay < 1, "train.ema_decay must lie in [0, 1)"),
+            (self.steps > 0, "train.steps must be positive"),
+            (self.checkpoint_every > 0 and self.eval_every > 0 and self.log_every > 0,
+             "train.checkpoint_every, train.eval_every and train.log_every must be positive"),
+            (self.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
+            (len(self.adam_betas) == 2, "train.adam_betas must hold two values"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)

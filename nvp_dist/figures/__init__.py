@@ -1,0 +1,1 @@
+"""The paper's figures from a RealNVP in memory (grids first; the figure functions follow)."""

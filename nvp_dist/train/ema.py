@@ -1,0 +1,52 @@
+"""Polyak (exponential moving) averages of the weights, used for evaluation, samples and export.
+
+Kept as a full float32 copy on every rank, on the weights' device. Under ZeRO-3 the parameters are gathered for each update
+(one all-gather of the model per step): the price of exact averages of sharded weights.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict
+
+import torch
+
+
+def gathered(module: torch.nn.Module, zero_stage: int):
+    """Context in which every parameter of `module` is whole (a no-op below ZeRO-3)."""
+    if zero_stage < 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+
+def full_state_dict(module: torch.nn.Module, zero_stage: int) -> Dict[str, torch.Tensor]:
+    """The module's parameters and buffers, whole and float32, on CPU."""
+    with gathered(module, zero_stage):
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+class EMA:
+    def __init__(self, module: torch.nn.Module, decay: float, zero_stage: int):
+        self.decay, self.zero_stage = decay, zero_stage
+        with gathered(module, zero_stage):  # kept on the weights' device: no host copy per step
+            self.params = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        # The decay warms up ((1 + t) / (10 + t), as in TensorFlow's ExponentialMovingAverage with
+        # num_updates) so early averages are not dominated by the initial weights. Running batch-norm
+        # statistics are averaged with the weights: statistics copied from the live model would not match
+        # the averaged weights, and a flow's likelihood in evaluation mode depends on that match.
+        decay = min(self.decay, (1 + step) / (10 + step))
+        with gathered(module, self.zero_stage):
+            for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+                if name in self.params and self.params[name].is_floating_point():
+                    self.params[name].lerp_(t.detach().float(), 1 - decay)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in self.params.items()}
+
+    def load_state_dict(self, sd: Dict[str, torch.Tensor]) -> None:
+        for k, v in sd.items():
+            self.params[k].copy_(v)

@@ -1,0 +1,82 @@
+"""Consolidated float32 models: exported from any checkpoint (any ZeRO stage) for one-device use.
+
+`load_inference_model(path)` accepts an exported `.pt` file, a checkpoint tag directory, a `checkpoints/`
+directory or a run directory (then `latest`), and returns the model in evaluation mode with its config
+and step, using the Polyak (EMA) weights when the run kept them.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+from omegaconf import OmegaConf
+
+from nvp_dist.config import Config, config_from_yaml
+from nvp_dist.flows import RealNVP
+from nvp_dist.train.checkpoint import FORMAT_VERSION, read_nvp_state, verify
+
+
+def resolve_tag_dir(path: Path) -> Path:
+    """A run dir, a checkpoints dir (via `latest`) or a tag dir -> the tag dir."""
+    for root in (path / "checkpoints", path):
+        if (root / "latest").is_file():
+            return root / (root / "latest").read_text().strip()
+    if (path / "nvp_state.pt").is_file():
+        return path
+    raise FileNotFoundError(f"{path} is neither a checkpoint, a checkpoints directory nor a run directory")
+
+
+def consolidated_state_dict(tag_dir: Path, zero_stage: int) -> Dict[str, torch.Tensor]:
+    """The engine's weights and buffers, whole and float32, read from the per-rank files on CPU."""
+    if zero_stage == 0:
+        sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() for k, v in sd.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per file it reads
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return {k: v.float() for k, v in sd.items()}
+
+
+def export_fp32(tag_dir: Path, out: Path) -> Path:
+    problem = verify(tag_dir)
+    if problem is not None:
+        raise RuntimeError(f"cannot export {tag_dir}: {problem}")
+    state = read_nvp_state(tag_dir)
+    cfg = config_from_yaml(state["config"])
+    payload = {
+        "format_version": FORMAT_VERSION, "config": state["config"], "step": state["step"],
+        "model": consolidated_state_dict(tag_dir, cfg.train.zero_stage), "ema": state.get("ema"),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(out)
+    return out
+
+
+def load_inference_model(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
+                         config: Optional[Config] = None) -> Tuple[RealNVP, Config, int]:
+    path = Path(path)
+    if path.is_file():
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        if payload.get("format_version", 0) > FORMAT_VERSION:
+            raise RuntimeError(f"{path} has format {payload['format_version']}; this nvp-dist reads up to {FORMAT_VERSION}")
+        cfg_text, step, weights, ema = payload["config"], payload["step"], payload["model"], payload.get("ema")
+    else:
+        tag_dir = resolve_tag_dir(path)
+        state = read_nvp_state(tag_dir)
+        cfg_text, step, ema = state["config"], state["step"], state.get("ema")
+        weights = consolidated_state_dict(tag_dir, config_from_yaml(cfg_text).train.zero_stage)
+    cfg = config_from_yaml(cfg_text)
+    if config is not None:
+        if OmegaConf.structured(config.model) != OmegaConf.structured(cfg.model):
+            raise ValueError(f"the model section of the given config differs from the one {path} was trained with")
+        cfg = config
+    model = RealNVP(cfg.model)
+    model.load_state_dict(ema if (use_ema and ema) else weights)
+    return model.to(device).eval(), cfg, step
+

@@ -1,0 +1,92 @@
+"""The real `deepspeed` launcher, 2 CPU ranks on gloo, on the debug config: every ZeRO stage and
+precision with activation checkpointing, resume, the non-finite guard, and start-up errors."""
+import pytest
+import torch
+
+from nvp_dist.flows import bits_per_dim
+from nvp_dist.train.export import load_inference_model
+from tests.launch_helpers import debug_args, explain, records, run_deepspeed, run_python
+
+MATRIX = [(1, "fp32", "coupling"), (1, "bf16", "scale"), (2, "fp32", "scale"), (2, "bf16", "coupling"),
+          (3, "fp32", "coupling"), (3, "bf16", "scale")]
+
+
+@pytest.mark.parametrize("stage,precision,ckpt", MATRIX)
+def test_two_ranks_learn_and_agree(digits_dir, tmp_path, stage, precision, ckpt):
+    out = tmp_path / "run"
+    proc = run_deepspeed(debug_args(digits_dir, out, f"train.zero_stage={stage}", f"train.precision={precision}",
+                                    f"train.activation_checkpointing={ckpt}", "train.steps=20", "train.log_every=5",
+                                    "train.eval_every=20", "train.checkpoint_every=20"))
+    assert proc.returncode == 0, explain(proc)
+    losses = [r["train_bits_per_dim"] for r in records(out, "train")]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.1, losses
+    digests = [(out / f"weights_rank{r}.sha256").read_text() for r in (0, 1)]
+    assert digests[0] == digests[1]
+    # the exported fp32 model reproduces the run's own evaluation on one device
+    model, cfg, step = load_inference_model(out / "model_fp32.pt")
+    assert step == 20 and cfg.train.zero_stage == stage
+    x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    assert torch.isfinite(bits_per_dim(model, x)).all()
+    assert records(out, "eval")[-1]["images"] == 360
+    assert (out / "samples" / "debug-step00000020.png").is_file()
+
+
+def test_resume_matches_uninterrupted_run_and_skips_a_truncated_checkpoint(digits_dir, tmp_path):
+    common = ("train.checkpoint_every=5", "train.eval_every=100", "train.log_every=5")
+    whole = run_deepspeed(debug_args(digits_dir, tmp_path / "whole", "train.steps=15", *common))
+    assert whole.returncode == 0, explain(whole)
+    part = tmp_path / "part"
+    first = run_deepspeed(debug_args(digits_dir, part, "train.steps=10", *common))
+    assert first.returncode == 0, explain(first)
+    # Damage the newest checkpoint: resume must fall back to step 5 and replay steps 6-10 exactly.
+    newest = part / "checkpoints" / "step00000010"
+    victim = max((p for p in newest.rglob("*.pt")), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    second = run_deepspeed(debug_args(digits_dir, part, "train.steps=15", *common) + ["--resume", "auto"])
+    assert second.returncode == 0, explain(second)
+    log = second.stdout + second.stderr
+    assert "step00000010 is not usable" in log and "falling back" in log
+    assert "resumed from" in log and "step00000005 at step 5" in log
+    a = torch.load(tmp_path / "whole" / "model_fp32.pt", weights_only=False)["model"]
+    b = torch.load(part / "model_fp32.pt", weights_only=False)["model"]
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
+    bitwise = all(torch.equal(a[k], b[k]) for k in a)
+    print(f"resumed run bitwise equal to the uninterrupted one: {bitwise}")
+
+
+def test_non_finite_steps_are_skipped_on_every_rank_then_stop(digits_dir, tmp_path):
+    out = tmp_path / "nan"
+    # NaN on rank 1 only, at step 3 (skipped, training goes on) and at steps 5-7 (three in a row: stop).
+    proc = run_deepspeed(debug_args(digits_dir, out, "train.steps=12", "train.checkpoint_every=2", "train.log_every=1",
+                                    "train.inject_nan_steps=[3,5,6,7]", "train.inject_nan_rank=1",
+                                    "train.max_consecutive_skips=3"))
+    assert proc.returncode == 3, explain(proc)
+    log = proc.stdout + proc.stderr
+    assert "step 3: non-finite" in log and "1 skipped in all, 1 in a row" in log
+    assert "3 consecutive non-finite steps up to step 7" in log
+    assert "last good checkpoint" in log and "step00000004" in log
+    skipped = {r["step"]: r["skipped_steps"] for r in records(out, "train")}
+    assert skipped[2] == 0 and skipped[3] == 1 and skipped[4] == 1
+    # the skipped update left the weights finite: the next step's loss is an ordinary number
+    finite = {r["step"]: r["train_bits_per_dim"] for r in records(out, "train")}
+    assert all(5 < finite[s] < 9 for s in (1, 2, 4)), finite
+
+
+def test_batch_not_divisible_by_world_size_fails_before_training(digits_dir, tmp_path):
+    proc = run_deepspeed(debug_args(digits_dir, tmp_path / "b", "train.batch_size=33"))
+    assert proc.returncode == 2, explain(proc)
+    assert "train.batch_size=33 does not divide by world size 2" in proc.stderr
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.stepz=3", "train.stepz"),
+    ("data.path=/nonexistent/shards", "/nonexistent/shards"),
+    ("model.in_channels=3", "expects (3, 8, 8)"),
+])
+def test_bad_config_or_data_fails_before_training(digits_dir, tmp_path, override, message):
+    proc = run_python(debug_args(digits_dir, tmp_path / "c", override))
+    assert proc.returncode == 2, explain(proc)
+    assert message in proc.stderr
+    assert not (tmp_path / "c").exists()

@@ -1,0 +1,84 @@
+"""Trainer pieces against hand-computed values: DeepSpeed config, the paper's L2 groups, schedules,
+Polyak averages, checkpoint sealing and verification."""
+import math
+
+import pytest
+import torch
+
+from nvp_dist.config import load_config
+from nvp_dist.flows import RealNVP
+from nvp_dist.train import checkpoint as ckpt
+from nvp_dist.train.ema import EMA
+from nvp_dist.train.engine import deepspeed_config, lr_lambda, param_groups
+from tests.launch_helpers import DEBUG
+
+
+def test_deepspeed_config_from_typed_config():
+    cfg = load_config(DEBUG, ["train.batch_size=64", "train.grad_accum=2", "train.zero_stage=3",
+                              "train.precision=bf16", "train.grad_clip=5", "train.deepspeed={zero_optimization: {overlap_comm: true}}"])
+    ds = deepspeed_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 5
+    assert ds["bf16"] == {"enabled": True}
+    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}  # merged, not replaced
+    with pytest.raises(ValueError, match="world size 3"):
+        deepspeed_config(cfg, world_size=3)
+
+
+def test_l2_applies_to_magnitudes_and_scales_only():
+    model = RealNVP(load_config(DEBUG).model)
+    decay, rest = param_groups(model, l2=5e-5)
+    assert decay["weight_decay"] == pytest.approx(1e-4)  # d/dp of 5e-5 * p^2
+    assert rest["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].endswith((".g", ".scale")) for p in decay["params"])
+    assert not any(names[id(p)].endswith((".g", ".scale")) for p in rest["params"])
+    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+
+
+def test_warmup_and_cosine_schedule():
+    cfg = load_config(DEBUG, ["train.steps=110", "train.warmup_steps=10", "train.cosine=true", "train.min_lr_ratio=0.1"])
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(110) == pytest.approx(0.1)
+    flat = lr_lambda(load_config(DEBUG))
+    assert flat(0) == flat(1000) == 1.0
+
+
+def test_ema_warms_up_and_averages_buffers():
+    model = torch.nn.BatchNorm1d(2)
+    ema = EMA(model, decay=0.9, zero_stage=0)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        model.running_mean.fill_(2.0)
+    ema.update(model, step=0)  # decay min(0.9, 1/10) = 0.1
+    assert torch.allclose(ema.params["weight"], torch.full((2,), 0.1 * 1 + 0.9 * 3))
+    assert torch.allclose(ema.params["running_mean"], torch.full((2,), 0.9 * 2))
+    ema.update(model, step=1000)  # decay 0.9
+    assert torch.allclose(ema.params["weight"], torch.full((2,), 0.9 * 2.8 + 0.1 * 3))
+
+
+def test_checkpoint_seal_verify_and_fallback(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    for step in (5, 10, 15):
+        d = root / (ckpt.tag_for(step) + ".tmp")
+        d.mkdir(parents=True)
+        (d / "weights.pt").write_bytes(bytes(range(256)) * step)
+        ckpt.finalize(root, step, keep=2)
+    assert ckpt.checkpoint_tags(root) == ["step00000015", "step00000010"]  # pruned to 2
+    assert (root / "latest").read_text() == "step00000015"
+    assert ckpt.verify(root / "step00000015") is None
+    # an interrupted save: a .tmp directory never counts
+    (root / "step00000020.tmp").mkdir()
+    f = root / "step00000015" / "weights.pt"
+    f.write_bytes(f.read_bytes()[:100])
+    assert "manifest says" in ckpt.verify(root / "step00000015")
+    assert ckpt.newest_valid(root) == "step00000010"
+    assert "step00000015 is not usable" in caplog.text
+    f2 = root / "step00000010" / "weights.pt"
+    data = bytearray(f2.read_bytes())
+    data[0] ^= 1
+    f2.write_bytes(bytes(data))
+    assert "sha256" in ckpt.verify(root / "step00000010")
