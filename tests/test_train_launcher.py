@@ -1,11 +1,13 @@
 """The real `deepspeed` launcher, 2 CPU ranks on gloo, on the debug config: every ZeRO stage and
 precision with activation checkpointing, resume, the non-finite guard, and start-up errors."""
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from nvp_dist.flows import bits_per_dim
-from nvp_dist.train.export import load_inference_model
-from tests.launch_helpers import debug_args, explain, records, run_deepspeed, run_python
+from tests.launch_helpers import ROOT, debug_args, explain, records, run_deepspeed, run_python
 
 MATRIX = [(1, "fp32", "coupling"), (1, "bf16", "scale"), (2, "fp32", "scale"), (2, "bf16", "coupling"),
           (3, "fp32", "coupling"), (3, "bf16", "scale")]
@@ -22,12 +24,17 @@ def test_two_ranks_learn_and_agree(digits_dir, tmp_path, stage, precision, ckpt)
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.1, losses
     digests = [(out / f"weights_rank{r}.sha256").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]
-    # the exported fp32 model reproduces the run's own evaluation on one device
-    model, cfg, step = load_inference_model(out / "model_fp32.pt")
-    assert step == 20 and cfg.train.zero_stage == stage
-    x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
-    assert torch.isfinite(bits_per_dim(model, x)).all()
-    assert records(out, "eval")[-1]["images"] == 360
+    # the exported file and the sharded checkpoint, consolidated on one CPU process, both reproduce the
+    # run's own distributed evaluation
+    logged = records(out, "eval")[-1]
+    assert logged["images"] == 360
+    for source in (out / "model_fp32.pt", out):
+        cli = subprocess.run([sys.executable, "-m", "nvp_dist.cli", "eval", "--checkpoint", str(source)],
+                             capture_output=True, text=True, cwd=ROOT)
+        assert cli.returncode == 0, cli.stderr
+        result = json.loads(cli.stdout.strip().splitlines()[-1])
+        assert result["step"] == 20 and result["images"] == 360
+        assert abs(result["bits_per_dim"] - logged["bits_per_dim"]) < 1e-5, (result, logged)
     assert (out / "samples" / "debug-step00000020.png").is_file()
 
 

@@ -21,9 +21,24 @@ def gathered(module: torch.nn.Module, zero_stage: int):
 
 
 def full_state_dict(module: torch.nn.Module, zero_stage: int) -> Dict[str, torch.Tensor]:
-    """The module's parameters and buffers, whole and float32, on CPU."""
+    """The module's parameters and buffers, whole and float32, on CPU. Collective under DeepSpeed.
+
+    Parameters come from the optimiser's float32 master copy when DeepSpeed keeps one (bf16 training):
+    the bf16 module weights are a rounded view of them, and evaluation, export and the resumed run all
+    see the masters.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in module.named_parameters():
+        master = safe_get_full_fp32_param(p)
+        if master is not None:
+            out[name] = master.detach().float().cpu().clone()
     with gathered(module, zero_stage):
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+        for name, v in module.state_dict().items():
+            if name not in out:
+                out[name] = v.detach().float().cpu().clone()
+    return out
 
 
 class EMA:

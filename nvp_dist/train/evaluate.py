@@ -6,6 +6,7 @@ different numbers of real images cannot hang it.
 """
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,16 @@ def noise_generator(device: torch.device, *key: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def sample_noise(keys, shape, seed: int) -> torch.Tensor:
+    """Dequantisation noise drawn from each sample's own key: the evaluation of an image does not depend
+    on the number of ranks, the batch it fell in or the order it was read in."""
+    out = torch.empty((len(keys), *shape))
+    for i, key in enumerate(keys):
+        g = torch.Generator().manual_seed((zlib.crc32(key.encode()) << 20) ^ seed)
+        out[i] = torch.rand(shape, generator=g)
+    return out
+
+
 @torch.no_grad()
 def evaluate(model: RealNVP, cfg: Config, env: DistEnv, split: Optional[str] = None, max_batches: int = 0) -> dict:
     """Mean bits/dim over `split` (all ranks together) and the number of images it covers."""
@@ -37,8 +48,8 @@ def evaluate(model: RealNVP, cfg: Config, env: DistEnv, split: Optional[str] = N
             break
         x = batch.images.to(env.device)
         cond = batch.cond.to(env.device) if batch.cond is not None else None
-        g = noise_generator(env.device, cfg.train.seed, 1, env.rank, i)
-        bpd = bits_per_dim(model, x, cond, generator=g).double()
+        bpd = bits_per_dim(model, x, cond, noise=sample_noise(batch.keys, x.shape[1:], cfg.train.seed).to(env.device))
+        bpd = bpd.double()
         valid = batch.valid.to(env.device)
         total[0] += bpd[valid].sum()
         total[1] += valid.sum()
