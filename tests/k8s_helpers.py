@@ -106,14 +106,20 @@ def job_command(job: dict, index: int, *, hosts: Mapping[str, str], paths: Mappi
     def localize(text: str) -> str:
         for host, addr in hosts.items():
             text = text.replace(host, addr)
-        # Longest first, so that a mount nested in another maps to its own directory.
-        for mount in sorted(paths, key=len, reverse=True):
-            text = re.sub(re.escape(mount) + r"(?=/|\b|$)", str(paths[mount]), text)
-        return text
+        return localize_paths(text, paths)
 
     env = {k: localize(v) for k, v in env.items()}
     argv = [localize(expand_vars(a, env)) for a in container["args"]]
     return LocalCommand(argv, env, cwd)
+
+
+def localize_paths(text: str, paths: Mapping[str, Path]) -> str:
+    """`text` with every mount path of `paths` ({mountPath: local dir}) replaced by its local directory: what
+    the pod reads at /workspace/... this machine reads in the directory standing for that volume."""
+    # Longest first, so that a mount nested in another maps to its own directory.
+    for mount in sorted(paths, key=len, reverse=True):
+        text = re.sub(re.escape(mount) + r"(?=/|\b|$)", str(paths[mount]), text)
+    return text
 
 
 def write_configmap(configmap: dict, dest: Path,

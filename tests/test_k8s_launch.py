@@ -1,6 +1,7 @@
 """The Job's container command, as written in k8s/job.yaml, run for completion indices 0 and 1 as two local
 processes (hostnames on loopback, CPU, one rank per "node"), with a probe as launch/train.py: it proves the
 wiring of deepspeed --no_ssh, the hostfile, node rank, rendezvous address, exit codes and SIGTERM.
+tests/test_k8s_train.py runs the same command with the real trainer.
 """
 import json
 import os

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
@@ -234,10 +235,18 @@ def _prepare(cfg: DataConfig, split: str, batch_size: int) -> _Parts:
 _WORKER_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    # A preempted pod's SIGTERM reaches the whole process group (tini -g, deepspeed's launcher). Workers
+    # must outlive it so the rank can finish its step and checkpoint; they still exit with the loader or
+    # when their rank dies.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _batches(dataset: _ChunkStream, num_workers: int, assembler: _Assembler,
              pad_to: int = 0) -> Iterator[Batch]:
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity,
-                        multiprocessing_context=_WORKER_START if num_workers else None)
+                        multiprocessing_context=_WORKER_START if num_workers else None,
+                        worker_init_fn=_ignore_sigterm if num_workers else None)
     emitted = 0
     for item in _in_order(loader, dataset.first):
         assembler.add(item)

@@ -132,7 +132,8 @@ class Trainer:
                 self.on_eval({**result, "checkpoint": self.last_checkpoint})
             if self._stop_requested():
                 self.save()
-                log.warning("stopped by signal %d at step %d after saving %s", self._stop_signal, self.step,
+                # Only some ranks may have been signalled themselves; the others learnt it from the reduction.
+                log.warning("stopped by a termination signal at step %d after saving %s", self.step,
                             self.last_checkpoint)
                 raise SystemExit(128 + (self._stop_signal or 15))
         if not result:  # resumed a run that had already finished: report it anyway
