@@ -14,6 +14,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PARAMS = {
     "cifar10": 19_584_330, "imagenet32": 45_769_886, "imagenet64": 94_428_474, "lsun_bedroom": 94_428_474,
     "lsun_tower": 94_428_474, "lsun_church": 94_428_474, "celeba": 94_428_474, "debug": 45_366,
+    "default": 1_265_278, "celeba_attr": 94_689_562,
 }
 
 
@@ -43,7 +44,8 @@ def test_shipped_config_loads_with_asserted_parameter_count(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.name == name
     m = cfg.model
-    assert parameter_count(cfg) == PARAMS[name] == hand_count(m.in_channels, m.mid_channels, m.res_blocks, m.num_scales)
+    assert parameter_count(cfg) == PARAMS[name] == hand_count(m.in_channels, m.mid_channels, m.res_blocks, m.num_scales,
+                                                               m.cond_dim)
 
 
 def test_conditioning_parameters_counted():

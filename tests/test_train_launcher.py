@@ -97,3 +97,14 @@ def test_bad_config_or_data_fails_before_training(digits_dir, tmp_path, override
     assert proc.returncode == 2, explain(proc)
     assert message in proc.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_class_conditional_training_on_digits(digits_dir, tmp_path):
+    out = tmp_path / "cond"
+    proc = run_python(debug_args(digits_dir, out, "data.cond=class", "model.cond_dim=10", "train.steps=4",
+                                 "train.eval_every=4", "train.log_every=2", "data.num_workers=0"))
+    assert proc.returncode == 0, explain(proc)
+    assert records(out, "eval")[-1]["images"] == 360
+    assert (out / "samples" / "debug-step00000004.png").is_file()
+    wrong = run_python(debug_args(digits_dir, tmp_path / "w", "data.cond=attributes", "model.cond_dim=10"))
+    assert wrong.returncode == 2 and "attributes" in wrong.stderr
