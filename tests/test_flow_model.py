@@ -123,3 +123,18 @@ def test_l2_parameters_are_magnitudes_and_scales():
     assert names and all(n.endswith(".g") or n.endswith(".scale") for n in names)
     n_couplings = 3 + 3 + 4
     assert sum(n.endswith(".scale") for n in names) == n_couplings
+
+
+def test_dropout_option_acts_in_training_only():
+    model = random_model(small_cfg(3, 8, 2, dropout=0.5), dtype=torch.float64)
+    assert sum(isinstance(m, torch.nn.Dropout) for m in model.modules()) == 10  # one per coupling's block
+    y = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    model.eval()
+    zs, logdet = model(y)
+    assert torch.allclose(model.inverse(zs), y, atol=1e-10)
+    assert torch.equal(model(y)[1], logdet)  # deterministic in evaluation
+    model.train()
+    torch.manual_seed(0)
+    a = model(y)[1]
+    torch.manual_seed(1)
+    assert not torch.allclose(a, model(y)[1])

@@ -28,5 +28,7 @@ class ModelConfig:
     bn_eps: float = 1e-4
     # Length of an optional conditioning vector (class one-hot or attributes) fed to every s/t network.
     cond_dim: int = 0
+    # Dropout in the s/t networks' residual blocks (0 = the paper); an extension for small data sets.
+    dropout: float = 0.0
     # Logit preprocessing: y = logit(alpha + (1 - 2 alpha) x).
     alpha: float = 0.05

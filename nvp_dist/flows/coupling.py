@@ -42,7 +42,8 @@ def channel_mask(c: int, h: int, w: int, half: int, device=None) -> torch.Tensor
 
 class AffineCoupling(nn.Module):
     def __init__(self, kind: str, parity: int, channels: int, mid_channels: int, blocks: int,
-                 form: CouplingForm = CouplingForm.paper, mask_input: bool = True, cond_dim: int = 0):
+                 form: CouplingForm = CouplingForm.paper, mask_input: bool = True, cond_dim: int = 0,
+                 dropout: float = 0.0):
         super().__init__()
         if kind not in ("checkerboard", "channel"):
             raise ValueError(f"unknown coupling kind {kind!r}")
@@ -53,7 +54,7 @@ class AffineCoupling(nn.Module):
             net_in, net_out = channels + int(self.mask_input), channels
         else:
             net_in, net_out = channels // 2, channels - channels // 2
-        self.net = STNetwork(net_in, mid_channels, net_out, blocks, cond_dim)
+        self.net = STNetwork(net_in, mid_channels, net_out, blocks, cond_dim, dropout)
         # One learned scalar bounding s (the official code's init: 0 checkerboard, 1 channel-wise); shape [1]
         # rather than [] because DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes.
         self.scale = nn.Parameter(torch.full((1,), 0.0 if kind == "checkerboard" else 1.0))

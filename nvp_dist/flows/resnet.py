@@ -19,11 +19,15 @@ from nvp_dist.flows.weightnorm import WNConv2d
 
 
 class ResidualBlock(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, dropout: float = 0.0):
         super().__init__()
+        # Dropout before the second convolution (as Flow++ places it) is an option, not the paper's: it
+        # regularises the s/t networks on small data sets. It acts in training mode only, so evaluation,
+        # sampling and inversion stay deterministic and exact.
         self.net = nn.Sequential(
             StatBatchNorm2d(channels), nn.ReLU(), WNConv2d(channels, channels, 3, bias=False),
-            StatBatchNorm2d(channels), nn.ReLU(), WNConv2d(channels, channels, 3),
+            StatBatchNorm2d(channels), nn.ReLU(), *([nn.Dropout(dropout)] if dropout > 0 else []),
+            WNConv2d(channels, channels, 3),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -33,13 +37,13 @@ class ResidualBlock(nn.Module):
 class STNetwork(nn.Module):
     """Maps [B, in_ch, H, W] (and cond [B, cond_dim]) to (raw_s, t), each [B, out_ch, H, W]."""
 
-    def __init__(self, in_ch: int, mid_ch: int, out_ch: int, blocks: int, cond_dim: int = 0):
+    def __init__(self, in_ch: int, mid_ch: int, out_ch: int, blocks: int, cond_dim: int = 0, dropout: float = 0.0):
         super().__init__()
         self.in_norm = StatBatchNorm2d(in_ch)
         self.in_conv = WNConv2d(in_ch, mid_ch, 3)
         self.in_skip = WNConv2d(mid_ch, mid_ch, 1)
         self.cond_proj = nn.Linear(cond_dim, mid_ch) if cond_dim > 0 else None
-        self.blocks = nn.ModuleList(ResidualBlock(mid_ch) for _ in range(blocks))
+        self.blocks = nn.ModuleList(ResidualBlock(mid_ch, dropout) for _ in range(blocks))
         self.skips = nn.ModuleList(WNConv2d(mid_ch, mid_ch, 1) for _ in range(blocks))
         self.out = nn.Sequential(StatBatchNorm2d(mid_ch), nn.ReLU(), WNConv2d(mid_ch, 2 * out_ch, 1, zero_init=True))
 
