@@ -235,18 +235,24 @@ def _prepare(cfg: DataConfig, split: str, batch_size: int) -> _Parts:
 _WORKER_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    # A preempted pod's SIGTERM reaches the whole process group (tini -g, deepspeed's launcher). Workers
-    # must outlive it so the rank can finish its step and checkpoint; they still exit with the loader or
-    # when their rank dies.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+# Seconds a worker keeps serving after SIGTERM before it exits.
+WORKER_TERM_GRACE_S = 20
+
+
+def _defer_sigterm(worker_id: int) -> None:
+    # A preempted pod's SIGTERM reaches the whole process group (tini -g, deepspeed's launcher), workers
+    # included. Dying at once would fail the rank's next fetch before it can finish its step and
+    # checkpoint, so a worker keeps serving for a grace period and then exits (SIGALRM's default
+    # action). Ignoring SIGTERM outright would instead hang a failing rank's exit: multiprocessing
+    # terminates leftover workers with SIGTERM and joins them.
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.alarm(WORKER_TERM_GRACE_S))
 
 
 def _batches(dataset: _ChunkStream, num_workers: int, assembler: _Assembler,
              pad_to: int = 0) -> Iterator[Batch]:
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity,
                         multiprocessing_context=_WORKER_START if num_workers else None,
-                        worker_init_fn=_ignore_sigterm if num_workers else None)
+                        worker_init_fn=_defer_sigterm if num_workers else None)
     emitted = 0
     for item in _in_order(loader, dataset.first):
         assembler.add(item)
