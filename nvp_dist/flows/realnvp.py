@@ -8,7 +8,6 @@ couplings use twice the feature maps of the checkerboard ones at the same scale 
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import List, Optional, Sequence, Tuple
 

@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 
-import torch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
