@@ -5,6 +5,7 @@ from typing import Any, Dict, List
 
 PRECISIONS = ("fp32", "bf16")
 CHECKPOINTING = ("none", "coupling", "scale")
+MEMORY = ("standard", "checkpoint", "invertible")
 
 
 @dataclass
@@ -35,6 +36,11 @@ class TrainConfig:
     precision: str = "fp32"
     # torch.utils.checkpoint around each coupling (+ its batch norm) or each scale.
     activation_checkpointing: str = "none"
+    # Activation memory: standard (autograd keeps everything), checkpoint (torch.utils.checkpoint per
+    # coupling: keeps coupling inputs, recomputes), invertible (keeps one output per sequence of couplings
+    # and rebuilds inputs with the exact inverse in backward: memory flat in depth, about 5/3 the compute;
+    # rounding-level gradient differences, see nvp_dist/flows/invertible.py). Excludes activation_checkpointing.
+    memory: str = "standard"
     # Batch-norm statistics over the global batch (all ranks) rather than each rank's share.
     sync_bn: bool = True
     checkpoint_every: int = 500
@@ -57,6 +63,10 @@ class TrainConfig:
             (self.precision in PRECISIONS, f"train.precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.activation_checkpointing in CHECKPOINTING,
              f"train.activation_checkpointing must be one of {CHECKPOINTING}, got {self.activation_checkpointing!r}"),
+            (self.memory in MEMORY, f"train.memory must be one of {MEMORY}, got {self.memory!r}"),
+            (self.memory == "standard" or self.activation_checkpointing == "none",
+             f"train.memory={self.memory} and train.activation_checkpointing={self.activation_checkpointing} "
+             "both choose how activations are kept: set one of them"),
             (self.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0-3, got {self.zero_stage}"),
             (self.batch_size > 0 and self.grad_accum > 0, "train.batch_size and train.grad_accum must be positive"),
             (self.batch_size % self.grad_accum == 0,

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from nvp_dist.config import Config, ConfigError, to_yaml
-from nvp_dist.data import DataError, cond_dim, output_shape, read_manifest, train_batches
+from nvp_dist.data import cond_dim, output_shape, read_manifest, train_batches
 from nvp_dist.flows import RealNVP, dequantize, set_stats_reducer, to_logit
 from nvp_dist.flows.preprocess import bits_from_latents
 from nvp_dist.metrics import TrainingMetrics
@@ -28,7 +28,7 @@ from nvp_dist.train.distributed import (DistEnv, all_reduce_sum, barrier, broadc
 from nvp_dist.train.ema import EMA, full_state_dict
 from nvp_dist.train.engine import build_engine
 from nvp_dist.train.evaluate import evaluate, noise_generator, write_sample_grid
-from nvp_dist.train.memory import apply_activation_checkpointing
+from nvp_dist.train.memory import apply_activation_checkpointing, apply_memory_mode
 
 log = logging.getLogger("nvp_dist.train")
 
@@ -70,6 +70,7 @@ class Trainer:
         if env.world_size > 1 and t.sync_bn:
             set_stats_reducer(model, all_reduce_sum)
         apply_activation_checkpointing(model, t.activation_checkpointing)
+        apply_memory_mode(model, t.memory)
         self.engine, self.optimizer, self.scheduler = build_engine(model.to(env.device), cfg, env.world_size)
         self.micro = t.batch_size // (env.world_size * t.grad_accum)
         self.ema = EMA(self.engine.module, t.ema_decay, t.zero_stage) if t.ema_decay > 0 else None
