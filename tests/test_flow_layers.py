@@ -84,6 +84,21 @@ def test_fresh_coupling_is_identity():
         assert torch.equal(y, x) and torch.equal(logdet, torch.zeros(3))
 
 
+def test_fresh_coupling_learns_its_scale():
+    # A fresh coupling is the identity, yet the gradient reaches the scale path: for checkerboard through c
+    # (starting at 0), for channel-wise through raw_s's output layer (c starting at 1). Both zero would be a
+    # stationary point that leaves s = 0 for good.
+    torch.manual_seed(0)
+    for kind in ("checkerboard", "channel"):
+        layer = AffineCoupling(kind, 0, 4, 8, 2)
+        x = torch.randn(3, 4, 4, 4)
+        y, logdet = layer(x)
+        (0.5 * (y ** 2).sum() - logdet.sum()).backward()
+        out = layer.net.out[-1]
+        scale_path = layer.scale.grad.abs().sum() + out.g.grad[:out.g.numel() // 2].abs().sum()
+        assert scale_path > 1e-3, kind
+
+
 @pytest.mark.parametrize("mask_kind", ["checkerboard", "channel"])
 def test_flow_batchnorm_training_mode(mask_kind):
     torch.manual_seed(0)

@@ -58,6 +58,14 @@ class AffineCoupling(nn.Module):
         # One learned scalar bounding s (the official code's init: 0 checkerboard, 1 channel-wise); shape [1]
         # rather than [] because DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes.
         self.scale = nn.Parameter(torch.full((1,), 0.0 if kind == "checkerboard" else 1.0))
+        if kind == "checkerboard":
+            # With c = 0 and a zero raw_s layer, ds/dc = tanh(raw_s) = 0 and ds/draw_s = c = 0: neither
+            # would ever move and s would stay 0 (an additive coupling) for good. raw_s's half of the output
+            # layer keeps its ordinary magnitude instead; s = 0 * tanh(raw_s) = 0 still makes the coupling
+            # start as the identity, and c now learns from the first step.
+            out = self.net.out[-1]
+            with torch.no_grad():
+                out.g[:net_out] = out.v[:net_out].flatten(1).norm(dim=1)
 
     def mask(self, h: int, w: int, device=None) -> torch.Tensor:
         fn = checkerboard_mask if self.kind == "checkerboard" else channel_mask

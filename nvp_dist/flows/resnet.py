@@ -4,7 +4,8 @@ Layout (the official code's, see PAPER_NOTES): batch norm on the input, a 3x3 in
 blocks (BN, ReLU, 3x3 conv, BN, ReLU, 3x3 conv) whose outputs are also summed through 1x1 skip
 convolutions, then BN, ReLU and a 1x1 output convolution. The output layer starts at zero (magnitude
 g = 0), so a fresh coupling outputs s = t = 0 and is the identity; the official code instead relies on
-its tanh scale starting at 0, which leaves t nonzero.
+its tanh scale starting at 0, which leaves t nonzero. (A checkerboard coupling, whose tanh scale starts
+at 0, gives raw_s back its magnitude: see AffineCoupling.)
 An optional conditioning vector is projected to the feature maps and added after the input convolution.
 """
 from __future__ import annotations
