@@ -131,6 +131,21 @@ def test_attributes_flip_columns(tmp_path):
         attributes(random_model(small_cfg(3, 8, 2), dtype=torch.float32), imgs, cond, names, [], tmp_path, "t")
 
 
+def test_attributes_class_swap_columns(tmp_path):
+    names = ["0", "1", "2"]
+    model = random_model(small_cfg(3, 8, 2, cond_dim=3), dtype=torch.float32)
+    imgs = _images(2, seed=4)
+    cond = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    fig = attributes(model, imgs, cond, names, names, out_dir=tmp_path, tag="t", classes=True)
+    assert fig.images.shape == (2, 5, 3, 8, 8)
+    assert torch.equal(fig.images[:, 1], imgs)  # reconstruction with the image's own class
+    # Decoding as its own class (column 2 + class index) is the reconstruction; as another class it is not.
+    assert torch.equal(fig.images[0, 3], imgs[0]) and torch.equal(fig.images[1, 4], imgs[1])
+    assert not torch.equal(fig.images[0, 2], imgs[0]) and not torch.equal(fig.images[1, 2], imgs[1])
+    with pytest.raises(ValueError, match="unknown class"):
+        attributes(model, imgs, cond, names, ["7"], out_dir=tmp_path, tag="t", classes=True)
+
+
 def test_toy2d_beats_a_fitted_gaussian(tmp_path):
     result = toy2d(tmp_path, tag="toy", steps=200, seed=0, panel_px=160)
     train = make_moons(4000, noise=0.05, random_state=0)[0]

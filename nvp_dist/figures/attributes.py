@@ -1,5 +1,6 @@
 """Changing attributes of real images (the paper's Figure 28): encode an image with its own attribute
-vector, then decode the same latents with attributes switched.
+vector, then decode the same latents with attributes switched. For a class-conditional model (one-hot
+conditioning, e.g. the digits) the switch is to another class: the latents keep the writing style.
 
 The latents of a conditional flow hold what the attributes do not explain (pose, background, lighting), so
 decoding them under another attribute vector keeps those and redraws the rest.
@@ -25,12 +26,22 @@ def flip_attribute(cond: torch.Tensor, attr_names: Sequence[str], name: str) -> 
     return flipped
 
 
+def set_class(cond: torch.Tensor, class_names: Sequence[str], name: str) -> torch.Tensor:
+    """One-hot cond [N, n_classes] with every row set to the class `name`."""
+    if name not in class_names:
+        raise ValueError(f"unknown class {name!r}; the model's classes are {list(class_names)}")
+    swapped = torch.zeros_like(cond)
+    swapped[:, list(class_names).index(name)] = 1
+    return swapped
+
+
 def attributes(model: nn.Module, images: torch.Tensor, cond: torch.Tensor, attr_names: Sequence[str],
                flips: Sequence[str], out_dir: PathLike = ".", tag: str = "model", batch_size: int = 64,
-               padding: int = 2) -> Figure:
+               padding: int = 2, classes: bool = False) -> Figure:
     """`{tag}-attributes.png`: one row per uint8 image [N, C, H, W]; columns: the image, its reconstruction
     with its own attributes `cond` [N, cond_dim] (0/1, named by `attr_names` in order), then one column per
-    name in `flips`, decoded with that single attribute switched.
+    name in `flips`, decoded with that single attribute switched; with `classes` (one-hot class conditioning,
+    `attr_names` the class names) decoded as that class instead.
     Figure.images: uint8 [N, 2 + len(flips), C, H, W].
     """
     cond_dim = model.cfg.cond_dim
@@ -40,7 +51,8 @@ def attributes(model: nn.Module, images: torch.Tensor, cond: torch.Tensor, attr_
         raise ValueError(f"the model takes {cond_dim} attributes: need {cond_dim} names and cond of shape "
                          f"[{images.shape[0]}, {cond_dim}]; got {len(attr_names)} and {tuple(cond.shape)}")
     cond = cond.float()
-    flipped = [flip_attribute(cond, attr_names, name) for name in flips]  # unknown names fail before any work
+    switch = set_class if classes else flip_attribute
+    flipped = [switch(cond, attr_names, name) for name in flips]  # unknown names fail before any work
     zs = encode(model, images, cond)
     columns = [images.cpu(), decode(model, zs, cond, batch_size)]
     columns += [decode(model, zs, c, batch_size) for c in flipped]

@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factors", type=int, nargs="+", default=[2, 10], help="extrapolation size factors")
     p.add_argument("--m", type=int, default=8, help="manifold grid side (a multiple of 4)")
     p.add_argument("--frames", type=int, default=16, help="frames of the manifold GIF (a multiple of 4)")
-    p.add_argument("--flip", nargs="*", default=[], help="attribute names to flip (attributes)")
+    p.add_argument("--flip", nargs="*", default=None,
+                   help="attribute names to flip, or classes to decode as (attributes; default: every class)")
     p.add_argument("--steps", type=int, default=500, help="toy2d training steps")
     p.add_argument("--zoom", type=int, default=1, help="enlarge every written image by this factor (nearest)")
     p.add_argument("--seed", type=int, default=0)
@@ -101,9 +102,13 @@ def draw(args: argparse.Namespace) -> List[Path]:
 
         data, cond = _images(cfg, split, args.n)
         if cond is None:
-            raise ValueError("figures attributes needs a model trained with data.cond=attributes")
+            raise ValueError("figures attributes needs a model trained with data.cond=attributes or class")
         names = read_manifest(cfg.data.path).cond_names
-        found = [figures.attributes(model, data, cond, names, args.flip, **common)]
+        classes = cfg.data.cond == "class"
+        if args.flip is None and not classes:
+            raise ValueError("figures attributes needs --flip NAME [NAME ...] (attribute names to flip)")
+        flips = names if args.flip is None else args.flip
+        found = [figures.attributes(model, data, cond, names, flips, classes=classes, **common)]
     return [f.path for f in found]
 
 
