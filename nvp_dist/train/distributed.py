@@ -113,6 +113,22 @@ def reduce_tensor(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return t
 
 
+def average_buffers(module: torch.nn.Module) -> None:
+    """Replace every floating-point buffer (batch-norm running statistics) by its mean over ranks, in one
+    collective. With per-rank batch statistics (sync_bn false) the running averages would otherwise drift
+    apart, and the ranks would evaluate, average and checkpoint different models. Running averages are
+    linear in the batch statistics, so averaging after every step equals running averages of the ranks'
+    mean statistics."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in buffers])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for b, mean in zip(buffers, flat.split([b.numel() for b in buffers])):
+        b.copy_(mean.view_as(b))
+
+
 def broadcast_object(obj, src: int = 0):
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return obj

@@ -23,8 +23,8 @@ from nvp_dist.flows import RealNVP, dequantize, set_stats_reducer, to_logit
 from nvp_dist.flows.preprocess import bits_from_latents
 from nvp_dist.metrics import TrainingMetrics
 from nvp_dist.train import checkpoint as ckpt
-from nvp_dist.train.distributed import (DistEnv, all_reduce_sum, barrier, broadcast_object, init_distributed,
-                                        reduce_tensor)
+from nvp_dist.train.distributed import (DistEnv, all_reduce_sum, average_buffers, barrier, broadcast_object,
+                                        init_distributed, reduce_tensor)
 from nvp_dist.train.ema import EMA, full_state_dict
 from nvp_dist.train.engine import build_engine
 from nvp_dist.train.evaluate import evaluate, noise_generator, write_sample_grid
@@ -171,6 +171,8 @@ class Trainer:
                 ok = reduce_tensor(finite * self._grad_finite, torch.distributed.ReduceOp.MIN)
                 self.optimizer.skip_next = ok.item() == 0
             self.engine.step()
+        if not t.sync_bn:
+            average_buffers(self.engine.module)
         skipped, self.optimizer.skip_next = self.optimizer.skip_next, False
         return sum(losses) / len(losses), wait, skipped
 
