@@ -30,8 +30,9 @@ batch (EMA weights) gave 3.0e-4; float64 with 2e-7 noise added to the rebuilt in
 so that is the gradient's own sensitivity at that batch, not the method. Growth with the bound c (every
 coupling's tanh scale set to c on that model): c <= 2: 5e-7 rebuilt, 3e-7 gradient; c = 4: 2e-4 and 2e-6;
 c = 8: the rebuild fails (error 1e2, gradient 0.5 off). That model learned c = 1.2 in its channel-wise
-couplings (its checkerboard ones are still at their initial 0). Check a model whose scales grow past about 3
-with the report, or train it with `standard` or `checkpoint`. Float64 agrees with standard to about 1e-15.
+couplings (its checkerboard ones were still at their initial 0: it was trained before the fix that lets them
+learn, see AffineCoupling). Check a model whose scales grow past about 3 with the report, or train it
+with `standard` or `checkpoint`. Float64 agrees with standard to about 1e-15.
 """
 from __future__ import annotations
 
