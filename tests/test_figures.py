@@ -14,13 +14,7 @@ from tests.flow_helpers import per_example_logdet, random_model, randomize_, sma
 PAD = 2  # the figures' default padding
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These models are tiny: on a busy 2-core machine a second intra-op thread made the file 6x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _side(cells: int, size: int) -> int:

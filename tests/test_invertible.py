@@ -13,17 +13,10 @@ from nvp_dist.flows.batchnorm import FlowBatchNorm, set_stats_reducer
 from nvp_dist.flows.invertible import invertible_error_report
 from nvp_dist.train.memory import apply_activation_checkpointing, apply_memory_mode
 from tests.flow_helpers import randomize_
-from tests.launch_helpers import DEBUG, debug_args, explain, records, run_deepspeed
+from tests.launch_helpers import DEBUG, train_and_check_agreement
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: a second intra-op thread only adds contention on a shared 2-core machine (measured 0.05 s
-    # against 2-6 s per step under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def debug_model(dtype=torch.float32, seed=0, **model_overrides) -> RealNVP:
@@ -230,11 +223,5 @@ def test_memory_config_is_validated():
 @pytest.mark.parametrize("stage,precision", [(3, "bf16"), (1, "fp32")])
 def test_two_ranks_learn_and_agree_with_invertible_backprop(digits_dir, tmp_path, stage, precision):
     out = tmp_path / "run"
-    proc = run_deepspeed(debug_args(digits_dir, out, f"train.zero_stage={stage}", f"train.precision={precision}",
-                                    "train.memory=invertible", "train.steps=20", "train.log_every=5",
-                                    "train.eval_every=20", "train.checkpoint_every=20"))
-    assert proc.returncode == 0, explain(proc)
-    losses = [r["train_bits_per_dim"] for r in records(out, "train")]
-    assert len(losses) == 4 and losses[-1] < losses[0] - 0.1, losses
-    digests = [(out / f"weights_rank{r}.sha256").read_text() for r in (0, 1)]
-    assert digests[0] == digests[1]
+    train_and_check_agreement(digits_dir, out, f"train.zero_stage={stage}", f"train.precision={precision}",
+                              "train.memory=invertible")

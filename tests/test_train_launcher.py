@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from tests.launch_helpers import ROOT, debug_args, explain, records, run_deepspeed, run_python
+from tests.launch_helpers import (ROOT, debug_args, explain, records, run_deepspeed, run_python,
+                                  train_and_check_agreement)
 
 MATRIX = [(1, "fp32", "coupling"), (1, "bf16", "scale"), (2, "fp32", "scale"), (2, "bf16", "coupling"),
           (3, "fp32", "coupling"), (3, "bf16", "scale")]
@@ -16,14 +17,8 @@ MATRIX = [(1, "fp32", "coupling"), (1, "bf16", "scale"), (2, "fp32", "scale"), (
 @pytest.mark.parametrize("stage,precision,ckpt", MATRIX)
 def test_two_ranks_learn_and_agree(digits_dir, tmp_path, stage, precision, ckpt):
     out = tmp_path / "run"
-    proc = run_deepspeed(debug_args(digits_dir, out, f"train.zero_stage={stage}", f"train.precision={precision}",
-                                    f"train.activation_checkpointing={ckpt}", "train.steps=20", "train.log_every=5",
-                                    "train.eval_every=20", "train.checkpoint_every=20"))
-    assert proc.returncode == 0, explain(proc)
-    losses = [r["train_bits_per_dim"] for r in records(out, "train")]
-    assert len(losses) == 4 and losses[-1] < losses[0] - 0.1, losses
-    digests = [(out / f"weights_rank{r}.sha256").read_text() for r in (0, 1)]
-    assert digests[0] == digests[1]
+    train_and_check_agreement(digits_dir, out, f"train.zero_stage={stage}", f"train.precision={precision}",
+                              f"train.activation_checkpointing={ckpt}")
     # the exported file and the sharded checkpoint, consolidated on one CPU process, both reproduce the
     # run's own distributed evaluation
     logged = records(out, "eval")[-1]
