@@ -57,11 +57,15 @@ def test_resume_matches_uninterrupted_run_and_skips_a_truncated_checkpoint(digit
     print(f"resumed run bitwise equal to the uninterrupted one: {bitwise}")
 
 
-def test_non_finite_steps_are_skipped_on_every_rank_then_stop(digits_dir, tmp_path):
+# The guard checks the loss, and the gradients either one by one as produced (ZeRO 1-3: they are reduced
+# and partitioned on the way) or whole after the reduction (ZeRO 0, fp32): each path is exercised.
+@pytest.mark.parametrize("into,zero", [("loss", 1), ("grad", 2), ("grad", 0)])
+def test_non_finite_steps_are_skipped_on_every_rank_then_stop(digits_dir, tmp_path, into, zero):
     out = tmp_path / "nan"
     # NaN on rank 1 only, at step 3 (skipped, training goes on) and at steps 5-7 (three in a row: stop).
     proc = run_deepspeed(debug_args(digits_dir, out, "train.steps=12", "train.checkpoint_every=2", "train.log_every=1",
                                     "train.inject_nan_steps=[3,5,6,7]", "train.inject_nan_rank=1",
+                                    f"train.inject_nan_into={into}", f"train.zero_stage={zero}",
                                     "train.max_consecutive_skips=3"))
     assert proc.returncode == 3, explain(proc)
     log = proc.stdout + proc.stderr

@@ -55,9 +55,11 @@ class TrainConfig:
     samples_per_grid: int = 64
     # A non-finite loss or gradient skips the step on every rank; this many in a row stop the run.
     max_consecutive_skips: int = 10
-    # Fault injection for tests: make the loss NaN at these steps on `inject_nan_rank` (-1 = every rank).
+    # Fault injection for tests: at these steps on `inject_nan_rank` (-1 = every rank) make the loss NaN
+    # (inject_nan_into: loss), or only the first parameter's gradient, the loss staying finite (grad).
     inject_nan_steps: List[int] = field(default_factory=list)
     inject_nan_rank: int = -1
+    inject_nan_into: str = "loss"
     # Raw DeepSpeed keys merged over the generated DeepSpeed config (escape hatch).
     deepspeed: Dict[str, Any] = field(default_factory=dict)
 
@@ -80,6 +82,7 @@ class TrainConfig:
              "train.checkpoint_every, train.eval_every and train.log_every must be positive"),
             (self.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
             (len(self.adam_betas) == 2, "train.adam_betas must hold two values"),
+            (self.inject_nan_into in ("loss", "grad"), "train.inject_nan_into must be loss or grad"),
         ]
         for ok, msg in checks:
             if not ok:

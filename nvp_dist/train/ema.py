@@ -55,9 +55,11 @@ class EMA:
         # the averaged weights, and a flow's likelihood in evaluation mode depends on that match.
         decay = min(self.decay, (1 + step) / (10 + step))
         with gathered(module, self.zero_stage):
-            for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-                if name in self.params and self.params[name].is_floating_point():
-                    self.params[name].lerp_(t.detach().float(), 1 - decay)
+            pairs = [(self.params[name], t.detach().float())
+                     for name, t in list(module.named_parameters()) + list(module.named_buffers())
+                     if name in self.params and self.params[name].is_floating_point()]
+            averages, current = zip(*pairs)
+            torch._foreach_lerp_(averages, current, 1 - decay)  # one fused call: hundreds of small tensors
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {k: v.cpu() for k, v in self.params.items()}

@@ -87,7 +87,10 @@ def build_engine(model, cfg: Config, world_size: int):
     import deepspeed
 
     t = cfg.train
-    optimizer = GuardedAdam(param_groups(model, t.l2), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)
+    # fused: torch's default is its per-tensor loop on CPU; on the demo's 380 parameters (no ZeRO flat
+    # partition) the fused kernel measured 2.7x faster (15 vs 40 ms a step, contended 2-core machine).
+    optimizer = GuardedAdam(param_groups(model, t.l2), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                            fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, ds_opt, _, ds_sched = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size))

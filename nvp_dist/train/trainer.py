@@ -76,8 +76,16 @@ class Trainer:
         self.ema = EMA(self.engine.module, t.ema_decay, t.zero_stage) if t.ema_decay > 0 else None
         self.step, self.skipped, self.last_checkpoint, self.best_eval = 0, 0, None, math.inf
         self._grad_finite = torch.ones((), device=env.device)
-        for p in self.engine.module.parameters():
-            p.register_hook(self._watch_grad)
+        # Without ZeRO in fp32, the reduced gradients sit whole in p.grad after backward and one fused norm
+        # checks them (measured 0.03 s a step cheaper on the demo than a hook per parameter). ZeRO and the
+        # bf16 optimiser move gradients into their own buffers as they are produced: check each one then.
+        self._check_reduced_grads = t.zero_stage == 0 and t.precision == "fp32"
+        self._inject_now = False
+        if t.inject_nan_steps and t.inject_nan_into == "grad":  # registered first: the guard sees its NaN
+            next(self.engine.module.parameters()).register_hook(self._inject_grad_nan)
+        if not self._check_reduced_grads:
+            for p in self.engine.module.parameters():
+                p.register_hook(self._watch_grad)
         self._stop_signal: Optional[int] = None
         self._resume(resume)
         self.metrics = TrainingMetrics(
@@ -160,7 +168,8 @@ class Trainer:
             y, logdet_pre = to_logit(dequantize(x, generator=g), self.cfg.model.alpha)
             zs, logdet = self.engine(y, cond)
             loss = bits_from_latents(zs, logdet, logdet_pre, x[0].numel()).mean()
-            if self.step + 1 in t.inject_nan_steps and t.inject_nan_rank in (-1, env.rank):
+            self._inject_now = self.step + 1 in t.inject_nan_steps and t.inject_nan_rank in (-1, env.rank)
+            if self._inject_now and t.inject_nan_into == "loss":
                 loss = loss * float("nan")
             finite.mul_(torch.isfinite(loss.detach()))
             # Backward runs even on a non-finite loss: every rank must join ZeRO's gradient collectives,
@@ -168,13 +177,17 @@ class Trainer:
             self.engine.backward(loss)
             losses.append(loss.item())
             if micro == t.grad_accum - 1:  # decide at the boundary, on every rank alike, before Adam runs
-                ok = reduce_tensor(finite * self._grad_finite, torch.distributed.ReduceOp.MIN)
+                grad_ok = grads_finite(self.engine.module) if self._check_reduced_grads else self._grad_finite
+                ok = reduce_tensor(finite * grad_ok, torch.distributed.ReduceOp.MIN)
                 self.optimizer.skip_next = ok.item() == 0
             self.engine.step()
         if not t.sync_bn:
             average_buffers(self.engine.module)
         skipped, self.optimizer.skip_next = self.optimizer.skip_next, False
         return sum(losses) / len(losses), wait, skipped
+
+    def _inject_grad_nan(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan") if self._inject_now else grad
 
     def _watch_grad(self, grad: torch.Tensor) -> torch.Tensor:
         # Runs as each parameter's gradient is produced, before DeepSpeed reduces or partitions it.
@@ -310,6 +323,14 @@ class Trainer:
             export_fp32(Path(self.last_checkpoint), self.out / "model_fp32.pt")
             log.info("exported %s", self.out / "model_fp32.pt")
         barrier()
+
+
+def grads_finite(module: torch.nn.Module) -> torch.Tensor:
+    """1.0 when every gradient in p.grad is finite, else 0.0 (one fused norm: NaN and inf propagate)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.ones(())
+    return torch.nn.utils.get_total_norm(grads).isfinite().float()
 
 
 def _setup_logging(env: DistEnv) -> None:
