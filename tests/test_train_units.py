@@ -82,3 +82,15 @@ def test_checkpoint_seal_verify_and_fallback(tmp_path, caplog):
     data[0] ^= 1
     f2.write_bytes(bytes(data))
     assert "sha256" in ckpt.verify(root / "step00000010")
+
+
+@pytest.mark.parametrize("argv", [
+    ["--config", "c.yaml", "--resume", "auto", "train.steps=3", "train.zero_stage=0"],  # launch/demo.sh's order
+    ["--config", "c.yaml", "train.steps=3", "--resume", "auto", "train.zero_stage=0"],
+    ["--local_rank=1", "--config", "c.yaml", "train.steps=3", "train.zero_stage=0", "--resume", "auto"],
+])
+def test_train_arguments_take_overrides_before_or_after_flags(argv):
+    from nvp_dist.train.entry import parse_args
+
+    args = parse_args(argv)
+    assert (args.config, args.resume, args.overrides) == ("c.yaml", "auto", ["train.steps=3", "train.zero_stage=0"])

@@ -20,7 +20,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="none (refuse an out_dir that has checkpoints), auto (newest valid checkpoint), or a checkpoint directory")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
-    return p.parse_args(argv)
+    # Intermixed: overrides may follow --resume (launch/demo.sh passes the user's after its own flags).
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
