@@ -80,7 +80,7 @@ class Trainer:
         # checks them (measured 0.03 s a step cheaper on the demo than a hook per parameter). ZeRO and the
         # bf16 optimiser move gradients into their own buffers as they are produced: check each one then.
         self._check_reduced_grads = t.zero_stage == 0 and t.precision == "fp32"
-        self._inject_now = False
+        self._inject_now, self._reduced_norm = False, None
         if t.inject_nan_steps and t.inject_nan_into == "grad":  # registered first: the guard sees its NaN
             next(self.engine.module.parameters()).register_hook(self._inject_grad_nan)
         if not self._check_reduced_grads:
@@ -128,9 +128,8 @@ class Trainer:
             self.step += 1
             step_time = time.perf_counter() - started
             if not skip:
-                grad_norm = self.engine.get_global_grad_norm()
                 self.metrics.step(self.step, loss, loss, self.micro * t.grad_accum, step_time, wait,
-                                  None if grad_norm is None else float(grad_norm), self.scheduler.get_last_lr()[0])
+                                  self._global_grad_norm(), self.scheduler.get_last_lr()[0])
             if self.step % t.log_every == 0 or self.step == t.steps:
                 self._log_train(loss, step_time, wait)
             if self.step % t.eval_every == 0 or self.step == t.steps:
@@ -177,7 +176,11 @@ class Trainer:
             self.engine.backward(loss)
             losses.append(loss.item())
             if micro == t.grad_accum - 1:  # decide at the boundary, on every rank alike, before Adam runs
-                grad_ok = grads_finite(self.engine.module) if self._check_reduced_grads else self._grad_finite
+                if self._check_reduced_grads:
+                    self._reduced_norm = grad_norm(self.engine.module)
+                    grad_ok = self._reduced_norm.isfinite().float()
+                else:
+                    grad_ok = self._grad_finite
                 ok = reduce_tensor(finite * grad_ok, torch.distributed.ReduceOp.MIN)
                 self.optimizer.skip_next = ok.item() == 0
             self.engine.step()
@@ -293,18 +296,25 @@ class Trainer:
 
     def _log_train(self, loss: float, step_time: float, wait: float) -> None:
         mean = reduce_tensor(torch.tensor([loss, 1.0], dtype=torch.float64, device=self.env.device))
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self._global_grad_norm()
         record = {
             "event": "train", "step": self.step, "train_bits_per_dim": (mean[0] / mean[1]).item(),
             "images_per_s": self.cfg.train.batch_size / step_time, "step_time_s": step_time, "data_wait_s": wait,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "grad_norm": grad_norm,
             "lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.skipped,
         }
         if self.env.is_main:
             log.info("step %d: train %.4f bits/dim, %.1f images/s, step %.3f s (data %.3f s), grad norm %s, lr %.2e",
                      self.step, record["train_bits_per_dim"], record["images_per_s"], step_time, wait,
-                     "n/a" if grad_norm is None else f"{float(grad_norm):.3g}", record["lr"])
+                     "n/a" if grad_norm is None else f"{grad_norm:.3g}", record["lr"])
             self._record(record)
+
+    def _global_grad_norm(self) -> Optional[float]:
+        # DeepSpeed reports it under ZeRO and bf16; without ZeRO the guard computed it from the reduced gradients.
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self._reduced_norm
+        return None if norm is None else float(norm)
 
     def _record(self, record: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
@@ -325,12 +335,10 @@ class Trainer:
         barrier()
 
 
-def grads_finite(module: torch.nn.Module) -> torch.Tensor:
-    """1.0 when every gradient in p.grad is finite, else 0.0 (one fused norm: NaN and inf propagate)."""
+def grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The L2 norm of all of p.grad in one fused call; NaN or inf when any gradient element is."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
-        return torch.ones(())
-    return torch.nn.utils.get_total_norm(grads).isfinite().float()
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
 def _setup_logging(env: DistEnv) -> None:
