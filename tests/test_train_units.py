@@ -85,8 +85,8 @@ def test_checkpoint_seal_verify_and_fallback(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("argv", [
-    ["--config", "c.yaml", "--resume", "auto", "train.steps=3", "train.zero_stage=0"],  # launch/demo.sh's order
-    ["--config", "c.yaml", "train.steps=3", "--resume", "auto", "train.zero_stage=0"],
+    ["--config", "c.yaml", "--resume", "auto", "train.steps=3", "train.zero_stage=0"],
+    ["--config", "c.yaml", "train.steps=3", "--resume", "auto", "train.zero_stage=0"],  # launch/demo.sh's order
     ["--local_rank=1", "--config", "c.yaml", "train.steps=3", "train.zero_stage=0", "--resume", "auto"],
 ])
 def test_train_arguments_take_overrides_before_or_after_flags(argv):
