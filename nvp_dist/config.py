@@ -76,6 +76,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.image_size={m.image_size} does not allow model.num_scales={m.num_scales}: it must be "
             f"divisible by 2**(num_scales-1) and leave at least 2x2 at the last scale")
+    if m.checkerboard == "gathered" and (m.image_size // 2 ** (m.num_scales - 1)) % 2:
+        raise ConfigError(f"model.checkerboard=gathered packs pixel pairs and needs an even width at every scale; "
+                          f"model.image_size={m.image_size} leaves {m.image_size // 2 ** (m.num_scales - 1)} at the last")
     if not 0 < m.alpha < 0.5:
         raise ConfigError("model.alpha must lie in (0, 0.5)")
     if m.res_blocks < 0 or m.mid_channels < 1:

@@ -96,3 +96,11 @@ def test_cli_prints_config_and_count():
     bad = subprocess.run([sys.executable, "-m", "nvp_dist.cli", "config", str(CONFIGS / "debug.yaml"), "model.nope=1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "model.nope" in bad.stderr
+
+
+def test_gathered_checkerboard_needs_even_widths():
+    assert load_config(CONFIGS / "debug.yaml", ["model.checkerboard=gathered"]).model.checkerboard == "gathered"
+    with pytest.raises(ConfigError, match="even width"):
+        load_config(CONFIGS / "debug.yaml", ["model.checkerboard=gathered", "model.image_size=12", "model.num_scales=3"])
+    with pytest.raises(ConfigError, match="model.checkerboard"):
+        load_config(CONFIGS / "debug.yaml", ["model.checkerboard=packed"])

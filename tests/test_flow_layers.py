@@ -4,6 +4,7 @@ import torch
 
 from nvp_dist.flows import (AffineCoupling, CouplingForm, FlowBatchNorm, channel_mask, checkerboard_mask, squeeze,
                             squeeze_ordered, unsqueeze, unsqueeze_ordered)
+from nvp_dist.flows.coupling import gather_checkerboard, scatter_checkerboard
 from tests.flow_helpers import per_example_logdet, randomize_
 
 
@@ -44,18 +45,18 @@ def test_squeeze_layout_and_round_trip():
 
 
 COUPLINGS = [
-    (kind, parity, form, mask_input, cond_dim)
-    for kind in ("checkerboard", "channel")
+    (kind, checker, parity, form, mask_input, cond_dim)
+    for kind, checker in (("checkerboard", "masked"), ("checkerboard", "gathered"), ("channel", "masked"))
     for parity in (0, 1)
     for form in CouplingForm
     for mask_input, cond_dim in ((True, 0), (False, 3))
 ]
 
 
-@pytest.mark.parametrize("kind,parity,form,mask_input,cond_dim", COUPLINGS)
-def test_coupling_jacobian_and_inverse(kind, parity, form, mask_input, cond_dim):
+@pytest.mark.parametrize("kind,checker,parity,form,mask_input,cond_dim", COUPLINGS)
+def test_coupling_jacobian_and_inverse(kind, checker, parity, form, mask_input, cond_dim):
     torch.manual_seed(1)
-    layer = AffineCoupling(kind, parity, 4, 6, 1, form, mask_input, cond_dim).double()
+    layer = AffineCoupling(kind, parity, 4, 6, 1, form, mask_input, cond_dim, checkerboard=checker).double()
     randomize_(layer, seed=parity).eval()
     x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
     cond = torch.randn(2, cond_dim, dtype=torch.float64) if cond_dim else None
@@ -67,6 +68,20 @@ def test_coupling_jacobian_and_inverse(kind, parity, form, mask_input, cond_dim)
     # the kept elements pass through exactly
     keep = layer.mask(4, 4).bool().expand_as(x)
     assert torch.equal(y[keep], x[keep])
+
+
+def test_gathered_checkerboard_packs_each_colour_row_by_row():
+    x = torch.arange(4 * 6, dtype=torch.float64).view(1, 1, 4, 6)
+    for parity in (0, 1):
+        kept, changed = gather_checkerboard(x, parity)
+        assert kept.shape == changed.shape == (1, 1, 4, 3)
+        keep = checkerboard_mask(1, 4, 6, parity).bool()
+        for i in range(4):  # row i of `kept` is row i of x at the mask's kept columns, left to right
+            assert kept[0, 0, i].tolist() == x[0, 0, i][keep[0, 0, i]].tolist()
+            assert changed[0, 0, i].tolist() == x[0, 0, i][~keep[0, 0, i]].tolist()
+        assert torch.equal(scatter_checkerboard(kept, changed, parity), x)
+    with pytest.raises(ValueError, match="even width"):
+        gather_checkerboard(torch.zeros(1, 1, 4, 5), 0)
 
 
 def test_coupling_float32_inverse():

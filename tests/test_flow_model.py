@@ -15,9 +15,10 @@ def _flat(zs):
     return torch.cat([z.flatten(1) for z in zs], dim=1)
 
 
+@pytest.mark.parametrize("checkerboard", ["masked", "gathered"])
 @pytest.mark.parametrize("c,size,scales", SHAPES)
-def test_model_jacobian_float64(c, size, scales):
-    model = random_model(small_cfg(c, size, scales)).eval()
+def test_model_jacobian_float64(c, size, scales, checkerboard):
+    model = random_model(small_cfg(c, size, scales, checkerboard=checkerboard)).eval()
     y = torch.randn(2, c, size, size, dtype=torch.float64)
     zs, logdet = model(y)
     assert sum(z[0].numel() for z in zs) == c * size * size

@@ -8,6 +8,14 @@ class CouplingForm(str, Enum):
     official = "official"  # y2 = (x2 + t) * exp(s)   (the released TensorFlow code)
 
 
+class Checkerboard(str, Enum):
+    masked = "masked"  # the paper: the s/t network runs on the whole image with the changed half zeroed
+    # An extension (normflows' layout): the kept half is packed row by row into an H x W/2 image, the s/t
+    # network runs on that (about half the FLOPs of a checkerboard coupling) and its output is unpacked
+    # onto the changed half. The same masks, log-determinant and inverse; a different network geometry.
+    gathered = "gathered"
+
+
 @dataclass
 class ModelConfig:
     in_channels: int = 3
@@ -20,6 +28,8 @@ class ModelConfig:
     coupling_form: CouplingForm = CouplingForm.paper
     # Feed the checkerboard mask to the s/t network as an extra input channel (the official code does).
     mask_input: bool = True
+    # How checkerboard couplings feed their s/t network: masked (the paper) or gathered (see Checkerboard).
+    checkerboard: Checkerboard = Checkerboard.masked
     # Batch normalisation as a flow layer after every coupling (the paper); false reproduces the peers
     # that dropped it, and makes a fresh model exactly the identity.
     coupling_bn: bool = True

@@ -5,6 +5,9 @@ A mask b is 1 on the elements a coupling keeps. With s = c * tanh(raw_s) and (ra
   official form y = b * x + (1 - b) * ((x + t) * exp(s))
 and log|det dy/dx| = sum of s over the changed elements. The s/t network may run in bf16; the coupling
 arithmetic and its log-determinant run in the dtype of x (float32 or float64), never lower.
+
+Checkerboard couplings come masked (the paper: NN sees b * x at full resolution) or gathered (an option:
+each colour of the checkerboard packed row by row into an H x W/2 image, NN sees the kept colour only).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from nvp_dist.flows.config import CouplingForm
+from nvp_dist.flows.config import Checkerboard, CouplingForm
 from nvp_dist.flows.resnet import STNetwork
 
 
@@ -40,15 +43,39 @@ def channel_mask(c: int, h: int, w: int, half: int, device=None) -> torch.Tensor
     return keep.view(1, c, 1, 1).expand(1, c, h, w)
 
 
+@functools.lru_cache(maxsize=64)
+def _kept_first(h: int, parity: int) -> torch.Tensor:
+    # [H, 1]: in row i the kept pixel of each column pair (2k, 2k+1) is the first one when i + parity is even.
+    return (torch.arange(h).view(-1, 1) + parity) % 2 == 0
+
+
+def gather_checkerboard(x: torch.Tensor, parity: int):
+    """[N, C, H, W] -> (kept, changed), each [N, C, H, W/2]: the two colours of checkerboard_mask(parity)."""
+    if x.shape[3] % 2:
+        raise ValueError(f"a gathered checkerboard coupling needs an even width, got {tuple(x.shape)}")
+    first = _kept_first(x.shape[2], parity).to(x.device)
+    a, b = x.unflatten(3, (x.shape[3] // 2, 2)).unbind(-1)
+    return torch.where(first, a, b), torch.where(first, b, a)
+
+
+def scatter_checkerboard(kept: torch.Tensor, changed: torch.Tensor, parity: int) -> torch.Tensor:
+    """The inverse of gather_checkerboard."""
+    first = _kept_first(kept.shape[2], parity).to(kept.device)
+    return torch.stack((torch.where(first, kept, changed), torch.where(first, changed, kept)), dim=-1).flatten(3)
+
+
 class AffineCoupling(nn.Module):
     def __init__(self, kind: str, parity: int, channels: int, mid_channels: int, blocks: int,
                  form: CouplingForm = CouplingForm.paper, mask_input: bool = True, cond_dim: int = 0,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, checkerboard: Checkerboard = Checkerboard.masked):
         super().__init__()
         if kind not in ("checkerboard", "channel"):
             raise ValueError(f"unknown coupling kind {kind!r}")
         self.kind, self.parity, self.channels = kind, parity, channels
         self.form = CouplingForm(form)
+        self.gathered = kind == "checkerboard" and Checkerboard(checkerboard) is Checkerboard.gathered
+        # Masked: the mask itself is the extra channel. Gathered: which column of its pair each kept pixel
+        # came from (the row's parity), the one piece of geometry the packing hides.
         self.mask_input = mask_input and kind == "checkerboard"
         if kind == "checkerboard":
             net_in, net_out = channels + int(self.mask_input), channels
@@ -72,12 +99,23 @@ class AffineCoupling(nn.Module):
         return fn(self.channels, h, w, self.parity, device)
 
     def _split(self, x: torch.Tensor):
+        """(kept, changed) for channel-wise and gathered couplings."""
+        if self.gathered:
+            return gather_checkerboard(x, self.parity)
         half = self.channels // 2
         a, b = x[:, :half], x[:, half:]
         return (a, b) if self.parity == 0 else (b, a)
 
     def _join(self, keep: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+        if self.gathered:
+            return scatter_checkerboard(keep, change, self.parity)
         return torch.cat((keep, change) if self.parity == 0 else (change, keep), dim=1)
+
+    def _net_input(self, keep: torch.Tensor) -> torch.Tensor:
+        if not (self.gathered and self.mask_input):
+            return keep
+        first = _kept_first(keep.shape[2], self.parity).to(keep.device, keep.dtype)
+        return torch.cat([keep, first.expand(keep.shape[0], 1, -1, keep.shape[3])], dim=1)
 
     def _s_t(self, net_in: torch.Tensor, cond: Optional[torch.Tensor], dtype: torch.dtype):
         net_dtype = self.net.in_conv.v.dtype
@@ -94,21 +132,24 @@ class AffineCoupling(nn.Module):
         s, t = self._s_t(net_in, cond, x.dtype)
         return b, s * (1 - b), t * (1 - b)
 
+    def _affine(self, x, s, t):
+        return x * torch.exp(s) + t if self.form is CouplingForm.paper else (x + t) * torch.exp(s)
+
+    def _affine_inverse(self, y, s, t):
+        return (y - t) * torch.exp(-s) if self.form is CouplingForm.paper else y * torch.exp(-s) - t
+
     def forward(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None):
-        if self.kind == "checkerboard":
-            _, s, t = self._checker_s_t(x, cond)
-            y = x * torch.exp(s) + t if self.form is CouplingForm.paper else (x + t) * torch.exp(s)
-            return y, s.flatten(1).sum(1)
+        if self.kind == "checkerboard" and not self.gathered:
+            _, s, t = self._checker_s_t(x, cond)  # s = t = 0 on the kept half
+            return self._affine(x, s, t), s.flatten(1).sum(1)
         keep, change = self._split(x)
-        s, t = self._s_t(keep, cond, x.dtype)
-        change = change * torch.exp(s) + t if self.form is CouplingForm.paper else (change + t) * torch.exp(s)
-        return self._join(keep, change), s.flatten(1).sum(1)
+        s, t = self._s_t(self._net_input(keep), cond, x.dtype)
+        return self._join(keep, self._affine(change, s, t)), s.flatten(1).sum(1)
 
     def inverse(self, y: torch.Tensor, cond: Optional[torch.Tensor] = None):
-        if self.kind == "checkerboard":
+        if self.kind == "checkerboard" and not self.gathered:
             _, s, t = self._checker_s_t(y, cond)  # y * b == x * b: the kept half is unchanged
-            return (y - t) * torch.exp(-s) if self.form is CouplingForm.paper else y * torch.exp(-s) - t
+            return self._affine_inverse(y, s, t)
         keep, change = self._split(y)
-        s, t = self._s_t(keep, cond, y.dtype)
-        change = (change - t) * torch.exp(-s) if self.form is CouplingForm.paper else change * torch.exp(-s) - t
-        return self._join(keep, change)
+        s, t = self._s_t(self._net_input(keep), cond, y.dtype)
+        return self._join(keep, self._affine_inverse(change, s, t))

@@ -45,7 +45,7 @@ class CouplingBlock(nn.Module):
 def _blocks(kind: str, n: int, channels: int, mid: int, cfg: ModelConfig) -> nn.ModuleList:
     return nn.ModuleList(
         CouplingBlock(AffineCoupling(kind, i % 2, channels, mid, cfg.res_blocks, cfg.coupling_form,
-                                     cfg.mask_input, cfg.cond_dim, cfg.dropout), cfg)
+                                     cfg.mask_input, cfg.cond_dim, cfg.dropout, cfg.checkerboard), cfg)
         for i in range(n))
 
 
