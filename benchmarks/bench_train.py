@@ -29,6 +29,8 @@ Built (see train_rows.py):
 Peers have no memory modes and run fp32 only. Their checkerboard couplings run their s/t networks on the
 kept half of the pixels (normflows) or a quarter-size downsampled image (FrEIA), where nvp-dist's run on the
 masked full image as the paper's do: the FLOP column shows the difference, and MFU accounts for it.
+  nvp-gather nvp-dist with model.checkerboard=gathered (the kept half packed into an H x W/2 image, as
+             normflows does; an option, not the paper's model).
 
 MFU = images/s x 3 x forward FLOPs per image / ceiling, on CPU per CPU-second on both sides (the same ratio
 on an idle machine; on a shared one it does not depend on how much of the cores a row or a ceiling got, and
@@ -40,7 +42,7 @@ backward, same dtype and batch; a large matmul's rate is printed beside it. `--s
 +train memory and step time of nvp-dist fp32 against depth, for each memory mode: residual blocks 1, 2, 4,
 8 on the CIFAR-10 architecture and scales 2 to 5 on the 64x64 one (CIFAR's 64 feature maps doubled over 5
 scales would be 1.4 billion parameters).
-TODO: 2-rank vs 1-rank throughput (DeepSpeed, launch/train.py) is not measured here.
+2-rank vs 1-rank throughput (DeepSpeed, launch/train.py): benchmarks/bench_scaling.py.
 """
 from __future__ import annotations
 
@@ -154,7 +156,10 @@ def train_section(args, device: str, native_bf16: bool) -> None:
                 if dtype == "bf16" and name not in bf16_archs:
                     continue
                 for mode in modes if impl == "nvp-dist" else ["-"]:
-                    jobs[(name, impl, dtype, mode)] = {**base, "impl": impl, "dtype": dtype, "memory": mode}
+                    for checker in args.checkerboard.split(",") if impl == "nvp-dist" else ["masked"]:
+                        label = impl if checker == "masked" else "nvp-gather"
+                        jobs[(name, label, dtype, mode)] = {**base, "impl": impl, "dtype": dtype, "memory": mode,
+                                                            "overrides": [f"model.checkerboard={checker}"]}
     results = measure(jobs, args.rounds, args.peers_python, args.timeout)
 
     # On CPU the MFU ratio takes both sides per CPU-second (images and ceiling FLOPs over the CPU time used):
@@ -236,6 +241,8 @@ def main() -> None:
     p.add_argument("--bf16-archs", default="", help="archs with bf16 rows (default: all where bf16 is native, "
                    "else debug only: emulated bf16 on CPU is ~10x slower, minutes per CIFAR step)")
     p.add_argument("--memory", default=",".join(MODES), help="nvp-dist memory modes")
+    p.add_argument("--checkerboard", default="masked,gathered",
+                   help="nvp-dist model.checkerboard values (gathered rows are labelled nvp-gather)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=1, help="timed steps (x10 on the debug architecture)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before them (default 2 on debug, else 0)")

@@ -318,7 +318,7 @@ class Trainer:
 
     def _record(self, record: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")  # wall clock: rates over spans
 
     def _finish(self) -> None:
         weights = full_state_dict(self.engine.module, self.cfg.train.zero_stage)
