@@ -42,10 +42,12 @@ def run(config: str, ranks: int, threads: int, steps: int, overrides: list[str])
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/default.yaml")
-    p.add_argument("--steps", type=int, default=300, help="at least 200")
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = p.parse_args()
+    if args.steps < SKIP + 100:  # train records every 50 steps: at least two marks after SKIP
+        p.error(f"--steps must be at least {SKIP + 100}")
     cores = os.cpu_count() or 2
     layouts = {f"1 rank x {cores} threads": (1, cores), f"{cores} ranks x 1 thread": (cores, 1)}
     step = {name: [] for name in layouts}

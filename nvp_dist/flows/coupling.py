@@ -43,10 +43,10 @@ def channel_mask(c: int, h: int, w: int, half: int, device=None) -> torch.Tensor
     return keep.view(1, c, 1, 1).expand(1, c, h, w)
 
 
-@functools.lru_cache(maxsize=64)
 def _kept_first(h: int, parity: int) -> torch.Tensor:
-    # [H, 1]: in row i the kept pixel of each column pair (2k, 2k+1) is the first one when i + parity is even.
-    return (torch.arange(h).view(-1, 1) + parity) % 2 == 0
+    # [H, 1] bool: in row i the kept pixel of each column pair (2k, 2k+1) is the first one exactly when the
+    # mask keeps column 0 of that row, so the packing follows the mask's own definition.
+    return _checkerboard(h, 1, parity).bool()
 
 
 def gather_checkerboard(x: torch.Tensor, parity: int):

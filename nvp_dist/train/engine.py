@@ -88,7 +88,7 @@ def build_engine(model, cfg: Config, world_size: int):
 
     t = cfg.train
     # fused: torch's default is its per-tensor loop on CPU; on the demo's 380 parameters (no ZeRO flat
-    # partition) the fused kernel measured 2.7x faster (15 vs 40 ms a step, contended 2-core machine).
+    # partition) one Adam step measured 17.6 ms per-tensor, 11.8 foreach, 4.0 fused (1 thread, idle).
     optimizer = GuardedAdam(param_groups(model, t.l2), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
                             fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
