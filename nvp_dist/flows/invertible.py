@@ -10,7 +10,9 @@ input gradient to the block before. Parameter gradients reach `.grad` through th
 path: parameters are never Function inputs (under ZeRO-3 their storage is empty outside their module's
 call), and a zero-size leaf that requires grad makes autograd call backward even when the input does not.
 Activation memory kept between forward and backward is then one image-sized tensor per sequence, whatever
-the number of couplings or residual blocks; the transient peak in backward is one block's local graph.
+the number of couplings or residual blocks; the transient peak in backward is one block's local graph. With
+`activation_checkpointing: res_block` (nvp_dist.train.memory) that graph keeps one tensor per residual block
+of the s/t network instead of its every activation, at one more s/t forward per coupling.
 
 Contract, as with activation checkpointing: module state (train/eval mode, running averages, parameters)
 must not change between a forward and its backward. Dropout masks are replayed from the RNG state saved
@@ -160,11 +162,13 @@ class InvertibleSequence(torch.autograd.Function):
             x = _invert(block, y, cond, st, rng).detach().requires_grad_()
             if _probe is not None:
                 _probe(block, x.detach())
+            # Backward inside the same context: activation checkpoints within the block (res_block) recompute
+            # during it and must see the same frozen running averages and statistics as the forward above.
             with torch.enable_grad(), frozen_running_stats(block), _forward_statistics(block, st), \
                     _replayed_rng(rng, x.device):
                 y_re, ld_re = block(x, cond_leaf)
-            pairs = [(o, g) for o, g in ((y_re, grad_y), (ld_re, grad_logdet)) if o.requires_grad]
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                pairs = [(o, g) for o, g in ((y_re, grad_y), (ld_re, grad_logdet)) if o.requires_grad]
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
             grad_y, y = x.grad, x.detach()
             del x, y_re, ld_re, pairs  # free this block's graph before the next one is built
         return None, (cond_leaf.grad if want_cond else None), grad_y, None

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
 PRECISIONS = ("fp32", "bf16")
-CHECKPOINTING = ("none", "coupling", "scale")
+CHECKPOINTING = ("none", "coupling", "scale", "res_block")
 MEMORY = ("standard", "checkpoint", "invertible")
 
 
@@ -34,7 +34,10 @@ class TrainConfig:
     # fp32, or bf16: s/t networks in bf16; couplings' exp/log-det, batch-norm statistics, preprocessing
     # and the loss in float32.
     precision: str = "fp32"
-    # torch.utils.checkpoint around each coupling (+ its batch norm) or each scale.
+    # torch.utils.checkpoint around each coupling (+ its batch norm), each scale, or each residual block of
+    # the s/t networks. res_block also combines with memory=checkpoint|invertible: it then acts inside their
+    # backward recomputation of one coupling, whose transient peak stops growing with the blocks' internals
+    # (one tensor per residual block is kept instead of about six), for one more s/t forward per coupling.
     activation_checkpointing: str = "none"
     # Activation memory: standard (autograd keeps everything), checkpoint (torch.utils.checkpoint per
     # coupling: keeps coupling inputs, recomputes), invertible (keeps one output per sequence of couplings
@@ -69,7 +72,7 @@ class TrainConfig:
             (self.activation_checkpointing in CHECKPOINTING,
              f"train.activation_checkpointing must be one of {CHECKPOINTING}, got {self.activation_checkpointing!r}"),
             (self.memory in MEMORY, f"train.memory must be one of {MEMORY}, got {self.memory!r}"),
-            (self.memory == "standard" or self.activation_checkpointing == "none",
+            (self.memory == "standard" or self.activation_checkpointing in ("none", "res_block"),
              f"train.memory={self.memory} and train.activation_checkpointing={self.activation_checkpointing} "
              "both choose how activations are kept: set one of them"),
             (self.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0-3, got {self.zero_stage}"),

@@ -1,7 +1,9 @@
 """Activation memory policies, applied to a built model from outside (the model code knows nothing of them).
 
-`activation_checkpointing: coupling | scale` wraps each CouplingBlock (a coupling and its batch norm) or
-each Scale in non-reentrant torch.utils.checkpoint: only its input is kept, and backward recomputes it.
+`activation_checkpointing: coupling | scale | res_block` wraps each CouplingBlock (a coupling and its batch
+norm), each Scale, or each ResidualBlock of the s/t networks in non-reentrant torch.utils.checkpoint: only
+its input is kept, and backward recomputes it. Checkpointing is inert under no_grad, so res_block combined
+with `memory: checkpoint | invertible` acts where those modes rebuild a coupling's graph in backward.
 The recomputation runs on throw-away copies of the running batch-norm averages as the forward found them,
 so it repeats the forward exactly and each step still updates the real ones once.
 
@@ -20,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from nvp_dist.flows import CouplingBlock, Scale
 from nvp_dist.flows.batchnorm import FlowBatchNorm, StatBatchNorm2d
 from nvp_dist.flows.invertible import use_invertible_backprop
+from nvp_dist.flows.resnet import ResidualBlock
 
 MEMORY_MODES = ("standard", "checkpoint", "invertible")
 
@@ -69,7 +72,7 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> int:
     """Wrap the chosen units in place; returns how many were wrapped."""
     if mode == "none":
         return 0
-    unit = {"coupling": CouplingBlock, "scale": Scale}[mode]
+    unit = {"coupling": CouplingBlock, "scale": Scale, "res_block": ResidualBlock}[mode]
     wrapped = 0
     for m in model.modules():
         if isinstance(m, unit):
