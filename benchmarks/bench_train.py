@@ -7,6 +7,12 @@
 Every row is one training run in a fresh process (benchmarks/train_rows.py), so its peak memory is its own:
 peak RSS (ru_maxrss) on CPU, torch.cuda.max_memory_allocated on CUDA; "+train" is that peak less the
 memory held just before the first step (model and data built): gradients, Adam's state and activations.
+On CPU, RSS is what the allocator holds, not what tensors use: glibc's malloc raises its mmap threshold
+after the first large free and then serves tensors from a heap it cannot give back while fragmented, so a
+row that allocates and frees a lot (invertible backprop, one coupling at a time) shows far more than it
+keeps (CIFAR-10, batch 16, invertible+res_block: +train 474 MiB under glibc, 259 under jemalloc, of which
+224 are gradients and Adam's moments). `--preload` LD_PRELOADs another allocator into every row, peers
+included, so that all rows are measured under the same one.
 Rows are interleaved over rounds (the order rotated each round) and medians reported: other work on a
 shared machine slows whichever row it meets; "cores" is the share of its threads' cores a row got (CPU time
 over wall time x threads), to show which figures other work diluted. Each run takes warm-up Adam steps (2 on
@@ -18,8 +24,9 @@ every implementation, preprocessed and scored the package's way.
 Built (see train_rows.py):
   nvp-dist   nvp_dist.flows.RealNVP(cfg.model) from the config, torch Adam with the trainer's parameter
              groups (L2 on weight-norm magnitudes and tanh scales), clipping at 100, train.memory applied
-             with apply_memory_mode; bf16 as the trainer's DeepSpeed run: module cast to bf16, flow
-             statistics kept float32, Adam on float32 master weights. No DeepSpeed, one process.
+             as the trainer does (`--memory invertible+res_block` also sets activation_checkpointing);
+             bf16 as the trainer's DeepSpeed run: module cast to bf16, flow statistics kept float32, Adam
+             on float32 master weights. No DeepSpeed, one process.
   normflows  MultiscaleFlow: per scale 3 checkerboard AffineCouplingBlocks, Squeeze, 3 channel-wise, Merge;
              4 checkerboard at the last; ActNorm after each coupling; s/t nets ConvResidualNet (batch norm)
              with the config's blocks and widths (x2 per scale, x2 for channel-wise, as nvp-dist).
@@ -89,10 +96,11 @@ def arch_dict(config: str, overrides=()) -> dict:
     return {k: getattr(m, k) for k in ("in_channels", "image_size", "num_scales", "res_blocks", "mid_channels")}
 
 
-def run_job(job: dict, python: str, timeout: float) -> dict:
+def run_job(job: dict, python: str, timeout: float, preload: str = "") -> dict:
+    env = {**os.environ, "LD_PRELOAD": preload} if preload else None
     try:
         done = subprocess.run([python, str(HERE / "train_rows.py"), json.dumps(job)], capture_output=True,
-                              text=True, timeout=timeout, cwd=ROOT)
+                              text=True, timeout=timeout, cwd=ROOT, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     if done.returncode != 0:
@@ -100,7 +108,7 @@ def run_job(job: dict, python: str, timeout: float) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(jobs: dict, rounds: int, peers_python: str, timeout: float) -> dict:
+def measure(jobs: dict, rounds: int, peers_python: str, timeout: float, preload: str = "") -> dict:
     """jobs: key -> job. Runs every job once per round, the order rotated each round; returns key -> the
     list of results (a job that failed once is not run again)."""
     keys, results = list(jobs), {k: [] for k in jobs}
@@ -111,7 +119,7 @@ def measure(jobs: dict, rounds: int, peers_python: str, timeout: float) -> dict:
             job = jobs[key]
             python = sys.executable if job.get("impl", "nvp-dist") == "nvp-dist" else peers_python
             start = time.perf_counter()
-            out = run_job(job, python, timeout)
+            out = run_job(job, python, timeout, preload)
             LOADS.append(os.getloadavg()[0])
             results[key].append(out)
             shown = out.get("error") or ", ".join(f"{k} {v:.4g}" for k, v in out.items()
@@ -160,7 +168,7 @@ def train_section(args, device: str, native_bf16: bool) -> None:
                         label = impl if checker == "masked" else "nvp-gather"
                         jobs[(name, label, dtype, mode)] = {**base, "impl": impl, "dtype": dtype, "memory": mode,
                                                             "overrides": [f"model.checkerboard={checker}"]}
-    results = measure(jobs, args.rounds, args.peers_python, args.timeout)
+    results = measure(jobs, args.rounds, args.peers_python, args.timeout, args.preload)
 
     # On CPU the MFU ratio takes both sides per CPU-second (images and ceiling FLOPs over the CPU time used):
     # on a machine to itself that is the wall-clock ratio, and on a shared one the rows and the ceilings,
@@ -170,7 +178,7 @@ def train_section(args, device: str, native_bf16: bool) -> None:
     warm = ", ".join(f"{n} {w}+{t}" for n, (w, t) in plan.items())
     print(f"\nTraining throughput and memory, batch {args.batch}, warm-up + timed steps: {warm}; median of "
           f"{args.rounds} round(s), {device}; load average {min(LOADS):.1f}-{max(LOADS):.1f} during the rows")
-    print(f"machine: {args.machine}")
+    print(f"machine: {args.machine}; allocator: {args.allocator}")
     if not peers_ok:
         print(f"peers skipped: {args.peers_python} missing (bash benchmarks/setup_peers.sh)")
     if "bf16" in dtypes and set(bf16_archs) != set(archs):
@@ -178,14 +186,14 @@ def train_section(args, device: str, native_bf16: bool) -> None:
     names = {k: f"matmul {MATMUL_N}^2 {k[1]}" if k[0] == "matmul" else f"conv3x3 {k[0]} {k[1]}" for k in gflops}
     print(f"ceilings, GFLOP per {'CPU-' if device == 'cpu' else ''}second: "
           + "; ".join(f"{names[k]} {v:.1f}" for k, v in gflops.items()))
-    head = (f"{'arch':<9}{'impl':<11}{'dtype':<6}{'memory':<11}{'params':>8}{'GFLOP/img':>10}{'img/s':>8}"
+    head = (f"{'arch':<9}{'impl':<11}{'dtype':<6}{'memory':<21}{'params':>8}{'GFLOP/img':>10}{'img/s':>8}"
             f"{'cores':>6}{'peak MiB':>9}{'+train MiB':>11}{'bits/dim':>9}{'MFU conv':>9}{'MFU mm':>8}")
     print(head + "\n" + "-" * len(head))
     for key, res in results.items():
         if key[0] == "ceiling":
             continue
         name, impl, dtype, mode = key
-        label = f"{name:<9}{impl:<11}{dtype:<6}{mode:<11}"
+        label = f"{name:<9}{impl:<11}{dtype:<6}{mode:<21}"
         if median(res, "images_per_s") is None:
             print(f"{label}failed: {error(res)}")
             continue
@@ -209,24 +217,25 @@ def depth_section(args, device: str) -> None:
                 "kind": "train", "impl": "nvp-dist", "config": config, "overrides": [override],
                 "arch": arch_dict(config, [override]), "memory": mode, "dtype": "fp32", "device": device,
                 "batch": args.batch, "warmup": 0, "steps": 1}
-    results = measure(jobs, args.rounds, args.peers_python, args.timeout)
+    results = measure(jobs, args.rounds, args.peers_python, args.timeout, args.preload)
 
     print(f"\nnvp-dist fp32 memory against depth, batch {args.batch}, one Adam step, median of {args.rounds} "
           f"round(s), {device}; load average {min(LOADS):.1f}-{max(LOADS):.1f} during the rows")
-    print(f"machine: {args.machine}")
+    print(f"machine: {args.machine}; allocator: {args.allocator}")
     print("+train MiB: peak less the memory held before the step, so gradients and Adam's two moments "
           "(grad+Adam, 12 bytes a parameter) plus activations")
-    cols = lambda title: "".join(f"{title + ' ' + m[:5]:>14}" for m in modes)
+    short = lambda m: m[:5] + ("+" + m.partition("+")[2][:2] if "+" in m else "")  # invertible+res_block: inver+re
+    cols = lambda title: "".join(f"{title + ' ' + short(m):>17}" for m in modes)
     head = f"{'arch':<9}{'blocks':>7}{'scales':>7}{'params':>9}{'grad+Adam':>10} |{cols('+train')} |{cols('s/step')}"
     print(head + "\n" + "-" * len(head))
     for name, override in sweeps:
         a = jobs[(name, override, modes[0])]["arch"]
         res = [results[(name, override, m)] for m in modes]
         params = next((median(r, "params") for r in res if median(r, "params")), float("nan"))
-        cells = lambda field, spec: "".join(f"{v:{spec}}" if v is not None else f"{'failed':>14}"
+        cells = lambda field, spec: "".join(f"{v:{spec}}" if v is not None else f"{'failed':>17}"
                                             for v in (median(r, field) for r in res))
         print(f"{name:<9}{a['res_blocks']:>7}{a['num_scales']:>7}{params / 1e6:8.1f}M{12 * params / 2 ** 20:10.0f} |"
-              f"{cells('train_mib', '14.0f')} |{cells('step_s', '14.1f')}")
+              f"{cells('train_mib', '17.0f')} |{cells('step_s', '17.1f')}")
     for key, r in results.items():
         if error(r):
             print(f"{' '.join(key)} failed: {error(r)}")
@@ -240,7 +249,8 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--bf16-archs", default="", help="archs with bf16 rows (default: all where bf16 is native, "
                    "else debug only: emulated bf16 on CPU is ~10x slower, minutes per CIFAR step)")
-    p.add_argument("--memory", default=",".join(MODES), help="nvp-dist memory modes")
+    p.add_argument("--memory", default=",".join(MODES), help="nvp-dist train.memory values, each optionally "
+                   "+<train.activation_checkpointing>, e.g. invertible+res_block")
     p.add_argument("--checkerboard", default="masked,gathered",
                    help="nvp-dist model.checkerboard values (gathered rows are labelled nvp-gather)")
     p.add_argument("--batch", type=int, default=64)
@@ -252,7 +262,12 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--peers-python", default=str(HERE / ".venv-peers" / "bin" / "python"))
     p.add_argument("--timeout", type=float, default=1800, help="seconds per row")
+    p.add_argument("--preload", default="", help="a malloc library LD_PRELOADed into every row, peers included, "
+                   "e.g. jemalloc (Ray ships one: .venv/lib/python3.11/site-packages/ray/core/libjemalloc.so)")
     args = p.parse_args()
+    if args.preload and not Path(args.preload).is_file():
+        p.error(f"--preload {args.preload}: no such file")
+    args.allocator = f"LD_PRELOAD={args.preload}" if args.preload else "the C library's malloc"
     args.rounds = args.rounds or (3 if args.section == "train" else 1)
     args.machine, native_bf16 = machine(args.device)
     if args.section == "train":
