@@ -216,10 +216,11 @@ def depth_section(args, device: str) -> None:
             jobs[(name, override, mode)] = {
                 "kind": "train", "impl": "nvp-dist", "config": config, "overrides": [override],
                 "arch": arch_dict(config, [override]), "memory": mode, "dtype": "fp32", "device": device,
-                "batch": args.batch, "warmup": 0, "steps": 1}
+                "batch": args.batch, "warmup": args.warmup or 0, "steps": 1}
     results = measure(jobs, args.rounds, args.peers_python, args.timeout, args.preload)
 
-    print(f"\nnvp-dist fp32 memory against depth, batch {args.batch}, one Adam step, median of {args.rounds} "
+    print(f"\nnvp-dist fp32 memory against depth, batch {args.batch}, {args.warmup or 0} warm-up + one timed "
+          f"Adam step, median of {args.rounds} "
           f"round(s), {device}; load average {min(LOADS):.1f}-{max(LOADS):.1f} during the rows")
     print(f"machine: {args.machine}; allocator: {args.allocator}")
     print("+train MiB: peak less the memory held before the step, so gradients and Adam's two moments "
