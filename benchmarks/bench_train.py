@@ -7,6 +7,8 @@
 Every row is one training run in a fresh process (benchmarks/train_rows.py), so its peak memory is its own:
 peak RSS (ru_maxrss) on CPU, torch.cuda.max_memory_allocated on CUDA; "+train" is that peak less the
 memory held just before the first step (model and data built): gradients, Adam's state and activations.
+Take memory with `--warmup 1`: a first step allocates Adam's moments only after backward has freed the
+activations, so its peak hides them; from the second step on, both are alive at once.
 On CPU, RSS is what the allocator holds, not what tensors use: glibc's malloc raises its mmap threshold
 after the first large free and then serves tensors from a heap it cannot give back while fragmented, so a
 row that allocates and frees a lot (invertible backprop, one coupling at a time) shows far more than it
