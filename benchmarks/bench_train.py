@@ -56,6 +56,7 @@ scales would be 1.4 billion parameters).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -265,9 +266,14 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--peers-python", default=str(HERE / ".venv-peers" / "bin" / "python"))
     p.add_argument("--timeout", type=float, default=1800, help="seconds per row")
-    p.add_argument("--preload", default="", help="a malloc library LD_PRELOADed into every row, peers included, "
-                   "e.g. jemalloc (Ray ships one: .venv/lib/python3.11/site-packages/ray/core/libjemalloc.so)")
+    p.add_argument("--preload", default="", help="a malloc library LD_PRELOADed into every row, peers included; "
+                   "'jemalloc' names the copy Ray ships in this environment")
     args = p.parse_args()
+    if args.preload == "jemalloc":
+        ray = importlib.util.find_spec("ray")
+        if ray is None:
+            p.error("--preload jemalloc: Ray, which ships it, is not installed here; give the library's path")
+        args.preload = str(Path(ray.submodule_search_locations[0]) / "core" / "libjemalloc.so")
     if args.preload and not Path(args.preload).is_file():
         p.error(f"--preload {args.preload}: no such file")
     args.allocator = f"LD_PRELOAD={args.preload}" if args.preload else "the C library's malloc"

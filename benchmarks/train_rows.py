@@ -93,20 +93,19 @@ class ClippedAdam(torch.optim.Adam):
 
 def build_nvp(job, device):
     """RealNVP from the config and overrides, the trainer's memory mode ("<train.memory>[+<train.activation_
-    checkpointing>]") applied before the bf16 cast (the trainer's order: apply_activation_checkpointing,
-    apply_memory_mode, then DeepSpeed's cast, then keep_flow_state_float32); returns
+    checkpointing>]") applied before the bf16 cast (the trainer's order: apply_memory_policy, then
+    DeepSpeed's cast, then keep_flow_state_float32); returns
     (model, optimiser, loss(x, generator) -> mean bits/dim)."""
     from nvp_dist.config import load_config
     from nvp_dist.flows import RealNVP, bits_per_dim
     from nvp_dist.train.engine import keep_flow_state_float32, param_groups
-    from nvp_dist.train.memory import apply_activation_checkpointing, apply_memory_mode
+    from nvp_dist.train.memory import apply_memory_policy
 
     cfg = load_config(job["config"], job["overrides"])
     t = cfg.train
     model = RealNVP(cfg.model)
     memory, _, checkpointing = job["memory"].partition("+")  # e.g. "invertible+res_block"
-    apply_activation_checkpointing(model, checkpointing or "none")
-    apply_memory_mode(model, memory)
+    apply_memory_policy(model, memory, checkpointing or "none")
     model.to(device)
     groups = param_groups(model, t.l2)
     adam = dict(lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)

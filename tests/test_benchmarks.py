@@ -1,5 +1,7 @@
-"""benchmarks/bench_train.py end to end on the debug architecture: its rows run, memory modes (including a
-combined one) compute the same loss, and a preloaded allocator reaches the rows."""
+"""benchmarks/bench_train.py end to end on the debug architecture: `--preload jemalloc` resolves to Ray's
+copy, the rows run, memory modes (including a combined one) compute the same loss, and a missing library
+is refused."""
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +10,8 @@ import pytest
 
 from tests.launch_helpers import ROOT
 
-JEMALLOC = Path(sys.executable).parents[1] / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / \
-    "site-packages" / "ray" / "core" / "libjemalloc.so"
+RAY = importlib.util.find_spec("ray")
+JEMALLOC = Path(RAY.submodule_search_locations[0]) / "core" / "libjemalloc.so" if RAY else Path("/nonexistent")
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
@@ -30,7 +32,7 @@ def rows(stdout: str) -> dict:
 
 @pytest.mark.skipif(not JEMALLOC.is_file(), reason="Ray's bundled jemalloc is not in this environment")
 def test_bench_train_rows_agree_across_memory_modes_under_jemalloc():
-    done = bench("--memory", "standard,invertible+res_block", "--preload", str(JEMALLOC))
+    done = bench("--memory", "standard,invertible+res_block", "--preload", "jemalloc")
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"allocator: LD_PRELOAD={JEMALLOC}" in done.stdout
     table = rows(done.stdout)

@@ -11,7 +11,7 @@ from nvp_dist.config import ConfigError, load_config
 from nvp_dist.flows import RealNVP, log_standard_normal
 from nvp_dist.flows.batchnorm import FlowBatchNorm, set_stats_reducer
 from nvp_dist.flows.invertible import invertible_error_report
-from nvp_dist.train.memory import apply_activation_checkpointing, apply_memory_mode
+from nvp_dist.train.memory import apply_activation_checkpointing, apply_memory_mode, apply_memory_policy
 from tests.flow_helpers import randomize_
 from tests.launch_helpers import DEBUG, train_and_check_agreement
 
@@ -33,13 +33,17 @@ def batch(model: RealNVP, n=32, seed=0, dtype=torch.float32):
     return y, cond
 
 
+def apply_mode(model: RealNVP, mode: str) -> None:
+    """mode: "<train.memory>[+<train.activation_checkpointing>]", applied as the trainer applies them."""
+    memory, _, checkpointing = mode.partition("+")
+    apply_memory_policy(model, memory, checkpointing or "none")
+
+
 def step(model: RealNVP, mode: str, y, cond=None):
     """One forward/backward on a copy in `mode` ("<memory>[+<activation_checkpointing>]"): (loss,
     {parameter name or '<cond>': gradient}, the copy)."""
     model = copy.deepcopy(model)
-    memory, _, checkpointing = mode.partition("+")
-    apply_activation_checkpointing(model, checkpointing or "none")
-    apply_memory_mode(model, memory)
+    apply_mode(model, mode)
     cond = None if cond is None else cond.detach().clone().requires_grad_()
     torch.manual_seed(1)  # the same dropout masks in every mode
     zs, logdet = model(y, cond)
@@ -158,9 +162,7 @@ class _Saved:
 
 def saved_activations(res_blocks: int, mode: str):
     model = debug_model(res_blocks=res_blocks)
-    memory, _, checkpointing = mode.partition("+")
-    apply_activation_checkpointing(model, checkpointing or "none")
-    apply_memory_mode(model, memory)
+    apply_mode(model, mode)
     y, _ = batch(model)
     acct = SavedActivations()
     with torch.autograd.graph.saved_tensors_hooks(acct.pack, acct.unpack):

@@ -54,6 +54,8 @@ def _checkpointed(module: torch.nn.Module):
     inner = module.forward
 
     def forward(*args, **kwargs):
+        if not torch.is_grad_enabled():  # nothing to save or recompute: evaluation, invertible's no-grad passes
+            return inner(*args, **kwargs)
         started_from = []
 
         def run(*a, **k):
@@ -81,6 +83,14 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> int:
             m.forward = _checkpointed(m)
             wrapped += 1
     return wrapped
+
+
+def apply_memory_policy(model: torch.nn.Module, memory: str, checkpointing: str = "none") -> None:
+    """The trainer's `train.memory` and `train.activation_checkpointing`, in the one order that composes:
+    checkpoint wrappers first, so that `invertible` (which replaces each Scale's forward) runs the wrapped
+    residual blocks in its recomputation."""
+    apply_activation_checkpointing(model, checkpointing)
+    apply_memory_mode(model, memory)
 
 
 def apply_memory_mode(model: torch.nn.Module, mode: str) -> int:

@@ -28,7 +28,7 @@ from nvp_dist.train.distributed import (DistEnv, all_reduce_sum, average_buffers
 from nvp_dist.train.ema import EMA, full_state_dict
 from nvp_dist.train.engine import build_engine
 from nvp_dist.train.evaluate import evaluate, noise_generator, write_sample_grid
-from nvp_dist.train.memory import apply_activation_checkpointing, apply_memory_mode
+from nvp_dist.train.memory import apply_memory_policy
 
 log = logging.getLogger("nvp_dist.train")
 
@@ -69,8 +69,7 @@ class Trainer:
         n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
         if env.world_size > 1 and t.sync_bn:
             set_stats_reducer(model, all_reduce_sum)
-        apply_activation_checkpointing(model, t.activation_checkpointing)
-        apply_memory_mode(model, t.memory)
+        apply_memory_policy(model, t.memory, t.activation_checkpointing)
         self.engine, self.optimizer, self.scheduler = build_engine(model.to(env.device), cfg, env.world_size)
         self.micro = t.batch_size // (env.world_size * t.grad_accum)
         self.ema = EMA(self.engine.module, t.ema_decay, t.zero_stage) if t.ema_decay > 0 else None
