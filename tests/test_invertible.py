@@ -247,10 +247,12 @@ def test_memory_config_is_validated():
     assert (both.memory, both.activation_checkpointing) == ("invertible", "res_block")
 
 
-@pytest.mark.parametrize("stage,precision,checkpointing", [(3, "bf16", "none"), (1, "fp32", "none"),
-                                                            (3, "fp32", "res_block")])
+# Synchronised batch norm at ZeRO-3: the invertible backward's recomputation calls its collectives again.
+@pytest.mark.parametrize("stage,precision,checkpointing,sync_bn",
+                         [(3, "bf16", "none", True), (1, "fp32", "none", False), (3, "fp32", "res_block", True)])
 def test_two_ranks_learn_and_agree_with_invertible_backprop(digits_dir, tmp_path, stage, precision,
-                                                            checkpointing):
+                                                            checkpointing, sync_bn):
     out = tmp_path / "run"
     train_and_check_agreement(digits_dir, out, f"train.zero_stage={stage}", f"train.precision={precision}",
-                              "train.memory=invertible", f"train.activation_checkpointing={checkpointing}")
+                              "train.memory=invertible", f"train.activation_checkpointing={checkpointing}",
+                              f"train.sync_bn={str(sync_bn).lower()}")
