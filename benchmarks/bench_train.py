@@ -14,7 +14,9 @@ after the first large free and then serves tensors from a heap it cannot give ba
 row that allocates and frees a lot (invertible backprop, one coupling at a time) shows far more than it
 keeps (CIFAR-10, batch 16, invertible+res_block: +train 474 MiB under glibc, 259 under jemalloc, of which
 224 are gradients and Adam's moments). `--preload` LD_PRELOADs another allocator into every row, peers
-included, so that all rows are measured under the same one.
+included, so that all rows are measured under the same one; jemalloc's MALLOC_CONF, if set, reaches every
+row too (`dirty_decay_ms:-1,muzzy_decay_ms:-1` keeps freed pages for reuse instead of returning them to the
+system and faulting them in again on the next step: see RESULTS.md).
 Rows are interleaved over rounds (the order rotated each round) and medians reported: other work on a
 shared machine slows whichever row it meets; "cores" is the share of its threads' cores a row got (CPU time
 over wall time x threads), to show which figures other work diluted. Each run takes warm-up Adam steps (2 on
@@ -277,6 +279,8 @@ def main() -> None:
     if args.preload and not Path(args.preload).is_file():
         p.error(f"--preload {args.preload}: no such file")
     args.allocator = f"LD_PRELOAD={args.preload}" if args.preload else "the C library's malloc"
+    if os.environ.get("MALLOC_CONF"):  # jemalloc's settings, inherited by every row
+        args.allocator += f" with MALLOC_CONF={os.environ['MALLOC_CONF']}"
     args.rounds = args.rounds or (3 if args.section == "train" else 1)
     args.machine, native_bf16 = machine(args.device)
     if args.section == "train":
