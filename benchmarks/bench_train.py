@@ -101,6 +101,12 @@ def arch_dict(config: str, overrides=()) -> dict:
     return {k: getattr(m, k) for k in ("in_channels", "image_size", "num_scales", "res_blocks", "mid_channels")}
 
 
+def ray_jemalloc() -> Path | None:
+    """The jemalloc Ray ships (`--preload jemalloc`), or None where Ray is not installed."""
+    ray = importlib.util.find_spec("ray")
+    return Path(ray.submodule_search_locations[0]) / "core" / "libjemalloc.so" if ray else None
+
+
 def run_job(job: dict, python: str, timeout: float, preload: str = "") -> dict:
     env = {**os.environ, "LD_PRELOAD": preload} if preload else None
     try:
@@ -272,14 +278,13 @@ def main() -> None:
                    "'jemalloc' names the copy Ray ships in this environment")
     args = p.parse_args()
     if args.preload == "jemalloc":
-        ray = importlib.util.find_spec("ray")
-        if ray is None:
+        if ray_jemalloc() is None:
             p.error("--preload jemalloc: Ray, which ships it, is not installed here; give the library's path")
-        args.preload = str(Path(ray.submodule_search_locations[0]) / "core" / "libjemalloc.so")
+        args.preload = str(ray_jemalloc())
     if args.preload and not Path(args.preload).is_file():
         p.error(f"--preload {args.preload}: no such file")
     args.allocator = f"LD_PRELOAD={args.preload}" if args.preload else "the C library's malloc"
-    if os.environ.get("MALLOC_CONF"):  # jemalloc's settings, inherited by every row
+    if args.preload and os.environ.get("MALLOC_CONF"):  # jemalloc's settings, inherited by every row
         args.allocator += f" with MALLOC_CONF={os.environ['MALLOC_CONF']}"
     args.rounds = args.rounds or (3 if args.section == "train" else 1)
     args.machine, native_bf16 = machine(args.device)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -343,6 +344,16 @@ def matmul_ceiling(job) -> dict:
     return rates(2 * n ** 3, timed(lambda: a @ b, device))
 
 
+def check_preload() -> None:
+    """ld.so skips an LD_PRELOAD it cannot load with a warning and runs on the C library's malloc: a row
+    measured that way would be labelled with the wrong allocator, so it stops instead."""
+    maps = Path("/proc/self/maps")
+    for lib in os.environ.get("LD_PRELOAD", "").replace(":", " ").split():
+        if maps.is_file() and os.path.realpath(lib) not in maps.read_text():
+            sys.exit(f"LD_PRELOAD={lib} was not loaded into this process (ld.so ignored it)")
+
+
 if __name__ == "__main__":
+    check_preload()
     job = json.loads(sys.argv[1])
     print(json.dumps({"train": train, "conv": conv_ceiling, "matmul": matmul_ceiling}[job["kind"]](job)))

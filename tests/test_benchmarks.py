@@ -1,17 +1,15 @@
-"""benchmarks/bench_train.py end to end on the debug architecture: `--preload jemalloc` resolves to Ray's
-copy, the rows run, memory modes (including a combined one) compute the same loss, and a missing library
-is refused."""
-import importlib.util
+"""benchmarks/bench_train.py end to end on the debug architecture: under `--preload jemalloc` (Ray's copy)
+the rows run with it loaded (a row checks its own memory map) and memory modes (including a combined one)
+compute the same loss; a missing library is refused, and one that ld.so cannot load fails the rows."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from benchmarks.bench_train import ray_jemalloc
 from tests.launch_helpers import ROOT
 
-RAY = importlib.util.find_spec("ray")
-JEMALLOC = Path(RAY.submodule_search_locations[0]) / "core" / "libjemalloc.so" if RAY else Path("/nonexistent")
+JEMALLOC = ray_jemalloc()
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
@@ -30,7 +28,7 @@ def rows(stdout: str) -> dict:
     return out
 
 
-@pytest.mark.skipif(not JEMALLOC.is_file(), reason="Ray's bundled jemalloc is not in this environment")
+@pytest.mark.skipif(JEMALLOC is None or not JEMALLOC.is_file(), reason="Ray's bundled jemalloc is not in this environment")
 def test_bench_train_rows_agree_across_memory_modes_under_jemalloc():
     done = bench("--memory", "standard,invertible+res_block", "--preload", "jemalloc")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -46,3 +44,11 @@ def test_bench_train_rows_agree_across_memory_modes_under_jemalloc():
 def test_bench_train_rejects_a_missing_preload_library():
     done = bench("--preload", "/nonexistent/libjemalloc.so")
     assert done.returncode == 2 and "--preload /nonexistent/libjemalloc.so: no such file" in done.stderr
+
+
+def test_a_preload_ld_so_ignores_fails_the_rows(tmp_path):
+    fake = tmp_path / "libnotmalloc.so"
+    fake.write_text("not a shared library\n")
+    done = bench("--memory", "standard", "--preload", str(fake), "--steps", "1")
+    assert done.returncode == 0, done.stderr[-2000:]  # the script reports failed rows in its table
+    assert f"standard             failed: LD_PRELOAD={fake} was not loaded" in done.stdout, done.stdout
