@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ray import tune
-from ray.tune.schedulers import AsyncHyperBandScheduler, PopulationBasedTraining
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, PopulationBasedTraining
 
 from nvp_dist.config import ConfigError
 from nvp_dist.sweep import load_sweep_config
@@ -38,6 +38,11 @@ def test_shipped_sweeps_load_and_build_their_tune_config():
     # Paths are pinned: trials run elsewhere, in other working directories.
     assert Path(cifar.base).is_absolute() and Path(cifar.fixed["data.path"]).is_absolute()
     assert cifar.training_config({"train.lr": 1e-4, "model.res_blocks": 4}).model.res_blocks == 4
+    # bf16 against fp32 (benchmarks/bench_precision.py): every seed in both precisions, all to the end.
+    precision = load_sweep_config(SWEEPS / "precision.yaml")
+    assert param_space(precision) == {"train.precision": {"grid_search": ["fp32", "bf16"]},
+                                      "train.seed": {"grid_search": list(range(17))}}
+    assert type(tune_config(precision).scheduler) is FIFOScheduler
 
 
 @pytest.mark.parametrize("text,key", [
