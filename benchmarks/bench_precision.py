@@ -97,24 +97,30 @@ def check_same_config(runs: List[Run]) -> None:
 
 
 def pair_by_seed(runs: List[Run], reference: str) -> tuple[str, Dict[int, Dict[str, Run]]]:
-    """(the other precision, seed -> {precision: run}) over the runs that evaluated at their last step; of
-    two runs of one seed and precision (a sweep trial's resumed attempts) the one that evaluated furthest."""
+    """(the other precision, seed -> {precision: run}) over the runs that evaluated at train.steps."""
     precisions = sorted({r.precision for r in runs})
     if reference not in precisions or len(precisions) != 2:
         raise RunError(f"need runs of {reference} and one other precision, found {', '.join(precisions)}")
     other = next(p for p in precisions if p != reference)
     seeds: Dict[int, Dict[str, Run]] = {}
-    for run in sorted(runs, key=lambda r: max(r.evals, default=-1)):
+    for run in runs:
         if run.keys["train.steps"] not in run.evals:
-            continue  # still running, or stopped early: its last evaluation is not the arm's
-        seeds.setdefault(run.seed, {})[run.precision] = run
+            continue  # still running, or stopped early (a sweep trial's attempt that a later one resumed)
+        twin = seeds.setdefault(run.seed, {}).setdefault(run.precision, run)
+        if twin is not run:
+            raise RunError(f"{twin.path} and {run.path} are both {run.precision}, seed {run.seed}: give one")
     return other, seeds
+
+
+def half_width(sd: float, n: int) -> float:
+    """Of the paired t 95% interval of n gaps with standard deviation sd."""
+    return stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
 
 
 @dataclass
 class Gap:
     step: int
-    n: int
+    seeds: List[int]
     reference: List[float]
     other: List[float]
 
@@ -126,8 +132,8 @@ class Gap:
     def mean(self) -> float:
         return statistics.mean(self.gaps)
 
-    def interval(self, level: float = 0.95) -> tuple[float, float]:
-        half = stats.t.ppf(0.5 + level / 2, self.n - 1) * statistics.stdev(self.gaps) / math.sqrt(self.n)
+    def interval(self) -> tuple[float, float]:
+        half = half_width(statistics.stdev(self.gaps), len(self.seeds))
         return self.mean - half, self.mean + half
 
     def seeds_needed(self, tol: float) -> int:
@@ -137,7 +143,7 @@ class Gap:
         if room <= 0:
             return 0
         n = 2
-        while stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) >= room:
+        while half_width(sd, n) >= room:
             n += 1
         return n
 
@@ -145,7 +151,7 @@ class Gap:
 def gaps(seeds: Dict[int, Dict[str, Run]], reference: str, other: str) -> List[Gap]:
     pairs = [s for s in sorted(seeds) if len(seeds[s]) == 2]
     steps = set.intersection(*(set(seeds[s][p].evals) for s in pairs for p in (reference, other))) if pairs else set()
-    return [Gap(step, len(pairs), [seeds[s][reference].evals[step] for s in pairs],
+    return [Gap(step, pairs, [seeds[s][reference].evals[step] for s in pairs],
                 [seeds[s][other].evals[step] for s in pairs]) for step in sorted(steps)]
 
 
@@ -166,12 +172,12 @@ def report(runs: List[Run], reference: str, tol: float) -> str:
     other, seeds = pair_by_seed(runs, reference)
     unpaired = sorted(s for s in seeds if len(seeds[s]) < 2)
     table = gaps(seeds, reference, other)
-    if not table or table[0].n < 2:
+    if not table or len(table[0].seeds) < 2:
         raise RunError(f"need at least two seeds run in both precisions with an evaluation at a common step "
                        f"(seeds with one precision only: {unpaired or 'none'})")
     name = runs[0].keys.get("name")
-    lines = [f"{other} - {reference}, test bits/dim ({name}), paired by seed: {table[0].n} seeds "
-             f"{sorted(s for s in seeds if len(seeds[s]) == 2)}" + (f"; left out, one precision only: {unpaired}" if unpaired else ""),
+    lines = [f"{other} - {reference}, test bits/dim ({name}), paired by seed: {len(table[0].seeds)} seeds "
+             f"{table[0].seeds}" + (f"; left out, one precision only: {unpaired}" if unpaired else ""),
              f"{'step':>6} {reference + ' mean (sd)':>18} {other + ' mean (sd)':>18} {'gap':>8} {'95% interval':>17}"]
     for g in table:
         lo, hi = g.interval()

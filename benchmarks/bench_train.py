@@ -278,9 +278,10 @@ def main() -> None:
                    "'jemalloc' names the copy Ray ships in this environment")
     args = p.parse_args()
     if args.preload == "jemalloc":
-        if ray_jemalloc() is None:
+        lib = ray_jemalloc()
+        if lib is None:
             p.error("--preload jemalloc: Ray, which ships it, is not installed here; give the library's path")
-        args.preload = str(ray_jemalloc())
+        args.preload = str(lib)
     if args.preload and not Path(args.preload).is_file():
         p.error(f"--preload {args.preload}: no such file")
     args.allocator = f"LD_PRELOAD={args.preload}" if args.preload else "the C library's malloc"

@@ -96,6 +96,14 @@ def test_a_run_of_another_config_is_refused_naming_the_key(tmp_path, capsys, ove
     assert "bf16-s7 differs from" in err and culprit in err, err
 
 
+def test_two_finished_runs_of_one_seed_and_precision_are_refused(tmp_path, capsys):
+    arms(tmp_path / "a", [0.0, 0.001])
+    make_run(tmp_path / "copy", "bf16", 1, {STEPS: 4.9})
+    code, out, err = bench(capsys, tmp_path)
+    assert code == 2 and out == ""
+    assert "copy/bf16-s1 are both bf16, seed 1: give one" in err and "a/bf16-s1 and" in err, err
+
+
 def test_unusable_inputs_fail_with_the_reason(tmp_path, capsys):
     code, _, err = bench(capsys, tmp_path)
     assert code == 2 and "no run directories (config.yaml + metrics.jsonl) under" in err
