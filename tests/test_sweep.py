@@ -106,8 +106,10 @@ def test_tiny_sweep_asha_stops_trials_early_and_the_best_config_trains(ray_addre
 
 
 def trial_states(experiment: Path) -> dict:
-    """trial_id -> (Tune status, whether a checkpoint was recorded), as the newest experiment state a
+    """trial_id -> (Tune status, whether a checkpoint is registered), as the newest experiment state a
     driver saved has them: what a restore will start from."""
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
     states = sorted(experiment.glob("experiment_state-*.json"))
     if not states:
         return {}
@@ -117,8 +119,11 @@ def trial_states(experiment: Path) -> dict:
         return {}
     out = {}
     for trial_json, runtime_json in data["trial_data"]:
-        trial, runtime = json.loads(trial_json), json.loads(runtime_json)
-        out[trial["trial_id"]] = (trial["status"], bool(runtime["last_result"].get("checkpoint_dir_name")))
+        # Not last_result's checkpoint_dir_name: the driver records a result before it registers the
+        # checkpoint that came with it (a separate save task), and a state saved between the two restores
+        # the trial from its previous checkpoint. Tune's own loader reads the registered one.
+        trial, manager = json.loads(trial_json), _TrainingRunMetadata.from_json_state(runtime_json).checkpoint_manager
+        out[trial["trial_id"]] = (trial["status"], bool(manager and manager.latest_checkpoint_result))
     return out
 
 
