@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import List, Sequence
 
@@ -33,8 +36,29 @@ def deepspeed_cmd(args: Sequence[str], ranks: int = 2) -> List[str]:
 
 
 def run_deepspeed(args: Sequence[str], ranks: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(deepspeed_cmd(args, ranks), env=train_env(), capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    """The launcher run to its end, with `peak_rss_mib` added: the largest peak resident memory of the
+    launcher and every process under it (the kernel's figure, from wait4). A run past `timeout` has its
+    whole process group killed and raises subprocess.TimeoutExpired."""
+    cmd = deepspeed_cmd(args, ranks)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=train_env(), stdout=out, stderr=err, text=True, cwd=ROOT,
+                                start_new_session=True)
+        timer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))
+        timer.start()
+        try:
+            # wait4, not Popen.wait: its rusage covers the launcher and all the processes it waited for.
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timed_out = not timer.is_alive()
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if timed_out:
+            raise subprocess.TimeoutExpired(cmd, timeout, out.read(), err.read())
+        done = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+    done.peak_rss_mib = usage.ru_maxrss / 1024  # KiB on Linux
+    return done
 
 
 def run_python(args: Sequence[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -61,7 +85,12 @@ def train_and_check_agreement(data: Path, out: Path, *overrides: str) -> None:
     proc = run_deepspeed(debug_args(data, out, *overrides, "train.steps=20", "train.log_every=5",
                                     "train.eval_every=20", "train.checkpoint_every=20"))
     assert proc.returncode == 0, explain(proc)
-    losses = [r["train_bits_per_dim"] for r in records(out, "train")]
+    train = records(out, "train")
+    losses = [r["train_bits_per_dim"] for r in train]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.1, losses
+    # The logged peak is one rank's, up to the last step; the kernel's covers every process to the end.
+    peaks = [r["peak_rss_mib"] for r in train]
+    assert peaks == sorted(peaks) and 0.5 * proc.peak_rss_mib < peaks[-1] <= proc.peak_rss_mib, (peaks, proc.peak_rss_mib)
+    assert "peak_cuda_allocated_mib" not in train[-1]
     digests = [(out / f"weights_rank{r}.sha256").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import math
+import resource
 import signal
 import threading
 import time
@@ -31,6 +32,14 @@ from nvp_dist.train.evaluate import evaluate, noise_generator, write_sample_grid
 from nvp_dist.train.memory import apply_memory_policy
 
 log = logging.getLogger("nvp_dist.train")
+
+
+def peak_memory_mib(device: torch.device) -> torch.Tensor:
+    """[this process's peak resident memory, the peak torch allocated on `device` (0 off CUDA)] in MiB, so
+    far in the run, on `device` for the collective."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    return torch.tensor([rss, cuda], dtype=torch.float64, device=device)
 
 
 class TrainingDiverged(RuntimeError):
@@ -296,11 +305,15 @@ class Trainer:
     def _log_train(self, loss: float, step_time: float, wait: float) -> None:
         mean = reduce_tensor(torch.tensor([loss, 1.0], dtype=torch.float64, device=self.env.device))
         grad_norm = self._global_grad_norm()
+        # The largest rank's, not rank 0's: under ZeRO the ranks hold different shards, and the largest is
+        # the one that runs out of memory first.
+        peak = reduce_tensor(peak_memory_mib(self.env.device), torch.distributed.ReduceOp.MAX).tolist()
         record = {
             "event": "train", "step": self.step, "train_bits_per_dim": (mean[0] / mean[1]).item(),
             "images_per_s": self.cfg.train.batch_size / step_time, "step_time_s": step_time, "data_wait_s": wait,
             "grad_norm": grad_norm,
-            "lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.skipped,
+            "lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.skipped, "peak_rss_mib": peak[0],
+            **({"peak_cuda_allocated_mib": peak[1]} if self.env.device.type == "cuda" else {}),
         }
         if self.env.is_main:
             log.info("step %d: train %.4f bits/dim, %.1f images/s, step %.3f s (data %.3f s), grad norm %s, lr %.2e",
