@@ -107,6 +107,18 @@ def ray_jemalloc() -> Path | None:
     return Path(ray.submodule_search_locations[0]) / "core" / "libjemalloc.so" if ray else None
 
 
+def preload_path(parser: argparse.ArgumentParser, preload: str) -> str:
+    """`--preload`'s library: 'jemalloc' is Ray's copy; a path must exist; '' is none."""
+    if preload == "jemalloc":
+        lib = ray_jemalloc()
+        if lib is None:
+            parser.error("--preload jemalloc: Ray, which ships it, is not installed here; give the library's path")
+        preload = str(lib)
+    if preload and not Path(preload).is_file():
+        parser.error(f"--preload {preload}: no such file")
+    return preload
+
+
 def run_job(job: dict, python: str, timeout: float, preload: str = "") -> dict:
     env = {**os.environ, "LD_PRELOAD": preload} if preload else None
     try:
@@ -277,13 +289,7 @@ def main() -> None:
     p.add_argument("--preload", default="", help="a malloc library LD_PRELOADed into every row, peers included; "
                    "'jemalloc' names the copy Ray ships in this environment")
     args = p.parse_args()
-    if args.preload == "jemalloc":
-        lib = ray_jemalloc()
-        if lib is None:
-            p.error("--preload jemalloc: Ray, which ships it, is not installed here; give the library's path")
-        args.preload = str(lib)
-    if args.preload and not Path(args.preload).is_file():
-        p.error(f"--preload {args.preload}: no such file")
+    args.preload = preload_path(p, args.preload)
     args.allocator = f"LD_PRELOAD={args.preload}" if args.preload else "the C library's malloc"
     if args.preload and os.environ.get("MALLOC_CONF"):  # jemalloc's settings, inherited by every row
         args.allocator += f" with MALLOC_CONF={os.environ['MALLOC_CONF']}"
