@@ -15,12 +15,18 @@ from tests.launch_helpers import DEBUG
 
 def test_deepspeed_config_from_typed_config():
     cfg = load_config(DEBUG, ["train.batch_size=64", "train.grad_accum=2", "train.zero_stage=3",
-                              "train.precision=bf16", "train.grad_clip=5", "train.deepspeed={zero_optimization: {overlap_comm: true}}"])
-    ds = deepspeed_config(cfg, world_size=4)
+                              "train.precision=bf16", "train.grad_clip=5",
+                              "train.deepspeed={zero_optimization: {overlap_comm: true, reduce_bucket_size: 1000}}"])
+    ds = deepspeed_config(cfg, world_size=4, cuda=True)
     assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 8
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 5
     assert ds["bf16"] == {"enabled": True}
-    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}  # merged, not replaced
+    # merged, not replaced; on CUDA DeepSpeed's own buffer sizes
+    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True, "reduce_bucket_size": 1000}
+    # on CPU the smaller buffers, which the user's train.deepspeed still overrides
+    cpu = deepspeed_config(cfg, world_size=4)["zero_optimization"]
+    assert cpu == {"stage": 3, "overlap_comm": True, "reduce_bucket_size": 1000, "allgather_bucket_size": 10**7,
+                   "stage3_prefetch_bucket_size": 5 * 10**6, "stage3_max_live_parameters": 10**7}
     with pytest.raises(ValueError, match="world size 3"):
         deepspeed_config(cfg, world_size=3)
 
