@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import List, Sequence
 
@@ -35,29 +34,31 @@ def deepspeed_cmd(args: Sequence[str], ranks: int = 2) -> List[str]:
     return [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), TRAIN, *args]
 
 
+# Runs argv[2:] and writes the peak resident memory of it and everything under it to argv[1]. From a fresh
+# interpreter, not from pytest: Linux carries a process's high-water RSS across fork and exec, so the
+# launcher's own figure would start at pytest's RSS (~1 GB late in the suite).
+_PEAK_OF_CHILDREN = ("import resource, subprocess, sys\n"
+                     "code = subprocess.call(sys.argv[2:])\n"
+                     "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
+                     "sys.exit(code)")
+
+
 def run_deepspeed(args: Sequence[str], ranks: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
     """The launcher run to its end, with `peak_rss_mib` added: the largest peak resident memory of the
-    launcher and every process under it (the kernel's figure, from wait4). A run past `timeout` has its
-    whole process group killed and raises subprocess.TimeoutExpired."""
-    cmd = deepspeed_cmd(args, ranks)
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, env=train_env(), stdout=out, stderr=err, text=True, cwd=ROOT,
-                                start_new_session=True)
-        timer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))
-        timer.start()
-        try:
-            # wait4, not Popen.wait: its rusage covers the launcher and all the processes it waited for.
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timed_out = not timer.is_alive()
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        if timed_out:
-            raise subprocess.TimeoutExpired(cmd, timeout, out.read(), err.read())
-        done = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
-    done.peak_rss_mib = usage.ru_maxrss / 1024  # KiB on Linux
+    launcher and every process under it, as the kernel counts it. A run past `timeout` has its whole
+    process group killed and raises subprocess.TimeoutExpired."""
+    with tempfile.TemporaryDirectory() as tmp:
+        peak = Path(tmp) / "peak_kib"
+        cmd = [sys.executable, "-c", _PEAK_OF_CHILDREN, str(peak), *deepspeed_cmd(args, ranks)]
+        with subprocess.Popen(cmd, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT, start_new_session=True) as proc:
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise
+        done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        done.peak_rss_mib = int(peak.read_text()) / 1024 if peak.exists() else None  # KiB on Linux
     return done
 
 
