@@ -24,17 +24,24 @@ ROOT = Path(__file__).resolve().parent.parent
 SKIP = 100  # first steps: allocations, data pipeline start, the launcher's start-up noise
 
 
-def run(config: str, ranks: int, threads: int, steps: int, overrides: list[str]) -> float:
+def train_records(config: str, ranks: int, threads: int, steps: int, log_every: int, overrides: list[str],
+                  env: dict | None = None) -> list[dict]:
+    """The train records of one `deepspeed --num_gpus R launch/train.py` run with OMP_NUM_THREADS=T, evaluation
+    and checkpoints pushed past the end, in a throw-away out_dir; `env` adds to the environment."""
     with tempfile.TemporaryDirectory() as out:
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "launch/train.py",
-               "--config", config, f"train.out_dir={out}", f"train.steps={steps}", "train.log_every=50",
+               "--config", config, f"train.out_dir={out}", f"train.steps={steps}", f"train.log_every={log_every}",
                f"train.eval_every={steps + 1}", f"train.checkpoint_every={steps + 1}", *overrides]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if done.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-        marks = [(r["step"], r["time"]) for r in map(json.loads, open(Path(out) / "metrics.jsonl"))
-                 if r.get("event") == "train" and r["step"] >= SKIP]
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+        return [r for r in map(json.loads, open(Path(out) / "metrics.jsonl")) if r.get("event") == "train"]
+
+
+def run(config: str, ranks: int, threads: int, steps: int, overrides: list[str]) -> float:
+    marks = [(r["step"], r["time"]) for r in train_records(config, ranks, threads, steps, 50, overrides)
+             if r["step"] >= SKIP]
     (first, t0), (last, t1) = marks[0], marks[-1]
     return (t1 - t0) / (last - first)
 

@@ -23,9 +23,6 @@ savings against the ideal ones, not the totals.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from bench_data import smooth_images
+from bench_scaling import train_records
 from bench_train import machine, preload_path
 from nvp_dist.config import load_config
 from nvp_dist.data import write_shards
@@ -60,17 +58,10 @@ def write_data(root: Path, side: int, channels: int) -> Path:
 
 
 def run(config: str, stage: int, ranks: int, steps: int, data: Path, overrides: list, preload: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"LD_PRELOAD": preload} if preload else {})}
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "launch/train.py",
-               "--config", config, f"data.path={data}", "data.eval_split=test", f"train.out_dir={out}",
-               f"train.steps={steps}", "train.log_every=1", f"train.eval_every={steps + 1}",
-               f"train.checkpoint_every={steps + 1}", f"train.zero_stage={stage}", *overrides]
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-        last = [r for r in map(json.loads, open(Path(out) / "metrics.jsonl")) if r["event"] == "train"][-1]
-    return last
+    """The last train record of the stage's run."""
+    return train_records(config, ranks, 1, steps, 1, [f"data.path={data}", "data.eval_split=test",
+                                                      f"train.zero_stage={stage}", *overrides],
+                         env={"LD_PRELOAD": preload} if preload else None)[-1]
 
 
 def main() -> None:
