@@ -2,6 +2,8 @@
 # Entry point of every training pod (job.yaml), from the ConfigMap nvp-scripts. The params ConfigMap is its
 # environment (NODES, GPUS_PER_NODE, DATA_PATH, OUT_DIR), NODE_RANK the pod's completion index.
 set -euo pipefail
+# train.yaml is mounted beside this script (/etc/nvp-dist).
+config_dir=$(dirname "${BASH_SOURCE[0]}")
 
 # Pods are named <prefix>-<index> in the headless Service's subdomain: <job>-<i> for the Indexed Job,
 # <jobset>-<replicatedJob>-<jobIndex>-<i> for a JobSet. Node 0 is the rendezvous; with --no_ssh deepspeed
@@ -11,7 +13,7 @@ if [[ -z ${MASTER_ADDR:-} ]]; then
   fqdn=$(hostname -f)
   MASTER_ADDR="$prefix-0.${fqdn#*.}"
 fi
-hostfile=/tmp/hostfile
+hostfile=$HOME/hostfile  # HOME is an emptyDir of this pod
 for ((i = 0; i < NODES; i++)); do
   echo "$prefix-$i slots=$GPUS_PER_NODE"
 done >"$hostfile"
@@ -22,5 +24,5 @@ done >"$hostfile"
 trap '' TERM
 exec deepspeed --no_ssh --node_rank "$NODE_RANK" --hostfile "$hostfile" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-  launch/train.py --config /etc/nvp-dist/train.yaml --resume auto \
+  launch/train.py --config "$config_dir/train.yaml" --resume auto \
   "data.path=$DATA_PATH" "train.out_dir=$OUT_DIR"
