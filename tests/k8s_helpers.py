@@ -165,18 +165,21 @@ def job_command(job: dict, index: int, *, hosts: Mapping[str, str], paths: Mappi
             text = text.replace(host, addr)
         return localize_paths(text, paths)
 
-    env = {k: localize(v) for k, v in env.items()}
+    # `$(VAR)` expands to the pod's value, which is then localized once, like every other text.
     argv = [localize(expand_vars(a, env)) for a in command + container.get("args", [])]
-    return LocalCommand(argv, env, cwd)
+    return LocalCommand(argv, {k: localize(v) for k, v in env.items()}, cwd)
 
 
 def localize_paths(text: str, paths: Mapping[str, Path]) -> str:
     """`text` with every mount path of `paths` ({mountPath: local dir}) replaced by its local directory: what
     the pod reads at /workspace/... this machine reads in the directory standing for that volume."""
-    # Longest first, so that a mount nested in another maps to its own directory.
-    for mount in sorted(paths, key=len, reverse=True):
-        text = re.sub(re.escape(mount) + r"(?=/|\b|$)", str(paths[mount]), text)
-    return text
+    if not paths:
+        return text
+    # One pass, longest first, so that a mount nested in another maps to its own directory and a replaced
+    # path is not scanned again (tmp_path itself lies under /tmp); a mount path only where a path starts.
+    mounts = sorted(paths, key=len, reverse=True)
+    pattern = "|".join(rf"(?<![\w./-]){re.escape(m)}(?=/|\b|$)" for m in mounts)
+    return re.sub(pattern, lambda m: str(paths[m.group(0)]), text)
 
 
 def write_configmap(configmap: dict, dest: Path,

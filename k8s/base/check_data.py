@@ -25,8 +25,9 @@ def problems(data: Path) -> list[str]:
     for name, split in manifest.splits.items():
         for shard in split.shards:
             path = data / shard.name
-            size = path.stat().st_size if path.is_file() else None
-            if size != shard.bytes:
+            if not path.is_file():
+                found.append(f"{name}: {shard.name} is missing")
+            elif (size := path.stat().st_size) != shard.bytes:
                 found.append(f"{name}: {shard.name} has {size} bytes, the manifest says {shard.bytes}")
     return found
 
