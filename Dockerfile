@@ -1,19 +1,19 @@
 # syntax=docker/dockerfile:1
-# The image k8s/job.yaml runs: nvp-dist with CUDA torch and DeepSpeed, as an unprivileged user.
+# The image k8s/base/job.yaml runs: nvp-dist with CUDA torch and DeepSpeed, as an unprivileged user.
 #   docker build -t registry.example.com/nvp-dist:0.1.0 .
 # torch's Linux wheels on PyPI carry the CUDA runtime libraries (as pip dependencies), so the node's
 # NVIDIA driver, mounted by the device plugin, is the only GPU software the host provides. DeepSpeed needs
 # no CUDA toolkit here: the trainer uses torch's Adam and no JIT-compiled ops.
 FROM python:3.11-slim-bookworm
 
-# tini runs as PID 1 and forwards SIGTERM to the launcher's whole process group (see k8s/job.yaml).
+# tini runs as PID 1 and forwards SIGTERM to the launcher's whole process group (see k8s/base/job.yaml).
 # Unpinned: the base image's tag fixes the Debian release, and Debian replaces pinned versions on updates.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends tini \
  && rm -rf /var/lib/apt/lists/*
 
-# The uid and gid of k8s/job.yaml's securityContext.
+# The uid and gid of k8s/base/job.yaml's securityContext.
 RUN groupadd --gid 1000 nvp \
  && useradd --uid 1000 --gid nvp --create-home --home-dir /home/nvp nvp
 

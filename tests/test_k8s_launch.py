@@ -1,11 +1,11 @@
-"""The Job's container command, as written in k8s/job.yaml, run for completion indices 0 and 1 as two local
-processes (hostnames on loopback, CPU, one rank per "node"), with a probe as launch/train.py: it proves the
-wiring of deepspeed --no_ssh, the hostfile, node rank, rendezvous address, exit codes and SIGTERM.
-tests/test_k8s_train.py runs the same command with the real trainer.
+"""The cpu-smoke overlay's training container, as `kubectl kustomize` renders it (k8s/base/train.sh from its
+ConfigMap, the params ConfigMap as its environment), run for completion indices 0 and 1 as two local
+processes (rendezvous on loopback, CPU, one rank per "node"), with a probe as launch/train.py: it proves the
+wiring of deepspeed --no_ssh, the hostfile train.sh writes, node rank, rendezvous address, exit codes and
+SIGTERM. tests/test_k8s_train.py runs the same command with the real trainer.
 """
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.k8s_helpers import (REPO, find, free_port, job_command, load_manifests, stable_hostnames,
-                               write_configmap)
+from tests.k8s_helpers import REPO, configmaps, find, free_port, job_command, render_overlay, write_configmap
 
 pytestmark = pytest.mark.slow
 PROBE = REPO / "tests" / "data" / "launch_probe.py"
@@ -24,15 +23,14 @@ PROBE = REPO / "tests" / "data" / "launch_probe.py"
 
 def local_nodes(tmp_path: Path, indices, mode: str, extra_env=None):
     """Start the manifest's command once per completion index; returns [(Popen, out dir)]."""
-    docs = load_manifests()
-    job, configmap = find(docs, "Job"), find(docs, "ConfigMap", "nvp-train")
+    docs = render_overlay("cpu-smoke")
+    job, configmap = find(docs, "Job", "nvp-train"), find(docs, "ConfigMap", "nvp-config")
     # The image's workingDir with a probe where launch/train.py would be.
     workdir = tmp_path / "image"
     (workdir / "launch").mkdir(parents=True)
     (workdir / "launch" / "train.py").write_text(PROBE.read_text())
     out = tmp_path / "out"
     out.mkdir()
-    hosts = {name: "127.0.0.1" for name in stable_hostnames(job)}
     master_port = str(free_port())
     venv_bin = str(Path(sys.executable).parent)
     procs = []
@@ -44,14 +42,14 @@ def local_nodes(tmp_path: Path, indices, mode: str, extra_env=None):
             cfg["metrics"].update(port=port, bind="127.0.0.1")
             return yaml.safe_dump(cfg)
 
-        # One CPU rank per node here instead of 8 GPUs.
-        config_dir = write_configmap(configmap, tmp_path / f"etc{index}", {
-            "train.yaml": local_config, "hostfile": lambda t: re.sub(r"slots=\d+", "slots=1", t)})
+        config_dir = write_configmap(configmap, tmp_path / f"etc{index}", {"train.yaml": local_config})
         home = tmp_path / f"home{index}"
         home.mkdir()
-        cmd = job_command(job, index, hosts=hosts, cwd=workdir,
+        # What the kubelet gives the pod (HOSTNAME) and what loopback stands in for (node 0's DNS name).
+        cmd = job_command(job, index, hosts={}, cwd=workdir, config_maps=configmaps(docs),
                           paths={"/etc/nvp-dist": config_dir, "/home/nvp": home, "/workspace": tmp_path / "ws"},
-                          env_overrides={"MASTER_PORT": master_port, "OMP_NUM_THREADS": "1"})
+                          env_overrides={"MASTER_PORT": master_port, "MASTER_ADDR": "127.0.0.1",
+                                         "HOSTNAME": f"{job['metadata']['name']}-{index}"})
         env = {**os.environ, **cmd.env, "PATH": venv_bin + os.pathsep + os.environ["PATH"],
                "DS_ACCELERATOR": "cpu", "PROBE_OUT": str(out), "PROBE_MODE": mode, **(extra_env or {})}
         log = open(tmp_path / f"node{index}.log", "w")
@@ -94,6 +92,9 @@ def test_two_indices_form_one_world_and_pass_exit_codes_through(tmp_path):
         assert rep["config"] == str(tmp_path / f"etc{rank}" / "train.yaml")
         assert rep["all_reduce"] == 1.0  # 0 + 1: both ranks are in one group
         assert rep["metrics_served"]
+        # train.sh's hostfile, from NODES and GPUS_PER_NODE: one line per pod, in completion-index order.
+        assert (tmp_path / f"home{rank}" / "hostfile").read_text() == \
+            "smoke-nvp-train-0 slots=1\nsmoke-nvp-train-1 slots=1\n"
 
 
 def test_sigterm_to_the_process_group_lets_ranks_checkpoint(tmp_path):

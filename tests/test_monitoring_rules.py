@@ -82,5 +82,21 @@ def test_dashboard_structure():
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
         assert panel["targets"] and {"x", "y", "w", "h"} <= panel["gridPos"].keys(), panel["title"]
         for target in panel["targets"]:
-            # Every query is scoped to the selected namespace and job, so one dashboard serves many runs.
-            assert 'training_job=~"$training_job"' in target["expr"], panel["title"]
+            # Every query is scoped to the selected namespace and job, so one dashboard serves many runs;
+            # DCGM's series name the pod, which the run's name prefixes (its overlay's namePrefix).
+            scope = ('pod=~"($training_job)-nvp-train-.*"' if "DCGM_" in target["expr"]
+                     else 'training_job=~"$training_job"')
+            assert scope in target["expr"] and 'namespace=~"$namespace"' in target["expr"], panel["title"]
+
+
+def test_dashboard_takes_the_rank_count_from_the_data_and_has_gpu_panels():
+    text = json.dumps(DASHBOARD)
+    assert "16" not in DASHBOARD["panels"][0]["description"]
+    (ranks,) = [p for p in DASHBOARD["panels"] if p["title"] == "Ranks up"]
+    assert any("nvp_build_info" in t["expr"] for t in ranks["targets"])
+    assert "DCGM_FI_DEV_GPU_UTIL" in text and "DCGM_FI_DEV_FB_USED" in text
+    # One unit per axis: a panel whose targets differ in magnitude puts the second on its own axis.
+    for title in ("Throughput", "Gradient norm and learning rate"):
+        (panel,) = [p for p in DASHBOARD["panels"] if p["title"] == title]
+        assert panel["fieldConfig"]["overrides"][0]["properties"][0] == {"id": "custom.axisPlacement",
+                                                                         "value": "right"}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Entry point of every training pod (job.yaml), from the ConfigMap nvp-scripts. The params ConfigMap is its
+# environment (NODES, GPUS_PER_NODE, DATA_PATH, OUT_DIR), NODE_RANK the pod's completion index.
+set -euo pipefail
+# train.yaml is mounted beside this script (/etc/nvp-dist).
+config_dir=$(dirname "${BASH_SOURCE[0]}")
+
+# Pods are named <prefix>-<index> in the headless Service's subdomain: <job>-<i> for the Indexed Job,
+# <jobset>-<replicatedJob>-<jobIndex>-<i> for a JobSet. Node 0 is the rendezvous; with --no_ssh deepspeed
+# resolves none of the hostfile's names, which only size the world and order the ranks.
+prefix=${HOSTNAME%-*}
+if [[ -z ${MASTER_ADDR:-} ]]; then
+  fqdn=$(hostname -f)
+  MASTER_ADDR="$prefix-0.${fqdn#*.}"
+fi
+hostfile=$HOME/hostfile  # HOME is an emptyDir of this pod
+for ((i = 0; i < NODES; i++)); do
+  echo "$prefix-$i slots=$GPUS_PER_NODE"
+done >"$hostfile"
+
+# deepspeed's runner has no SIGTERM handler: ignoring the signal (inherited across exec) keeps it waiting
+# for its launch.py child, which handles it, instead of dying at once and taking the container, and the
+# ranks' checkpoint, down with it. Exit codes pass through (README, Exit codes).
+trap '' TERM
+exec deepspeed --no_ssh --node_rank "$NODE_RANK" --hostfile "$hostfile" \
+  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+  launch/train.py --config "$config_dir/train.yaml" --resume auto \
+  "data.path=$DATA_PATH" "train.out_dir=$OUT_DIR"
