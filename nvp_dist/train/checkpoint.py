@@ -23,7 +23,11 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+from nvp_dist.train import safe_load
+
+# 2: RNG states stored as tensors and plain values (format 1 pickled numpy's state), so that every file
+# of a checkpoint loads with the weights-only unpickler.
+FORMAT_VERSION = 2
 log = logging.getLogger("nvp_dist.train")
 
 
@@ -107,7 +111,15 @@ def finalize(root: Path, step: int, keep: int) -> Path:
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's generators as tensors and plain values (loadable with weights_only=True)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, gauss_next = random.getstate()
+    state = {
+        "format_version": FORMAT_VERSION, "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -115,14 +127,24 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n, p = state["numpy"], state["python"]
+    if isinstance(n, dict):
+        np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
+    else:  # format 1: numpy's and Python's own tuples
+        np.random.set_state(n)
+        random.setstate(p)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def read_rng_state(path: Path) -> Dict[str, Any]:
+    # Format 1 held numpy arrays: rebuilding arrays is allowed, and still no other code.
+    return safe_load.load(path, allow=safe_load.numpy_array_globals())
+
+
 def read_nvp_state(tag_dir: Path) -> Dict[str, Any]:
-    state = torch.load(tag_dir / "nvp_state.pt", map_location="cpu", weights_only=False)
+    state = safe_load.load(tag_dir / "nvp_state.pt")
     version = state.get("format_version", 0)
     if version > FORMAT_VERSION:
         raise RuntimeError(f"{tag_dir} has checkpoint format {version}; this nvp-dist reads up to {FORMAT_VERSION}")

@@ -24,6 +24,7 @@ from nvp_dist.flows import RealNVP, dequantize, set_stats_reducer, to_logit
 from nvp_dist.flows.preprocess import bits_from_latents
 from nvp_dist.metrics import TrainingMetrics
 from nvp_dist.train import checkpoint as ckpt
+from nvp_dist.train import safe_load
 from nvp_dist.train.distributed import (DistEnv, all_reduce_sum, average_buffers, barrier, broadcast_object,
                                         init_distributed, reduce_tensor)
 from nvp_dist.train.ema import EMA, full_state_dict
@@ -278,6 +279,7 @@ class Trainer:
             problem = ckpt.verify(tag_dir)
             if problem is not None:
                 raise ConfigError(f"--resume {resume}: {problem}")
+        safe_load.check_deepspeed_files(tag_dir)  # DeepSpeed unpickles them with the full unpickler
         path, _ = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
@@ -287,7 +289,7 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         rng = tag_dir / f"rng_rank{self.env.rank}.pt"
         if rng.is_file():
-            ckpt.set_rng_state(torch.load(rng, weights_only=False))
+            ckpt.set_rng_state(ckpt.read_rng_state(rng))
         self.last_checkpoint = str(tag_dir)
         log.info("resumed from %s at step %d", tag_dir, self.step)
 
