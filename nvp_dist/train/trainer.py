@@ -263,6 +263,9 @@ class Trainer:
         self.metrics.checkpoint(time.perf_counter() - started, self.step)
 
     def _resume(self, resume: str) -> None:
+        if self.env.is_main:
+            ckpt.recover(self.ckpt_root)
+        barrier()
         if resume == "none":
             if ckpt.checkpoint_tags(self.ckpt_root):
                 raise ConfigError(f"{self.ckpt_root} already holds checkpoints: pass --resume auto to continue "
