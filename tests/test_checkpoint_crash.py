@@ -63,3 +63,25 @@ def test_fault_names_a_step(tmp_path):
                                     capture_output=True, timeout=120).returncode)
     assert codes == [0, ckpt.FAULT_EXIT]
     assert (root / "latest").read_text() == "step00000005" and ckpt.verify(root / "step00000010") is None
+
+
+def test_eval_figures_export_resolve_to_a_verified_checkpoint(tmp_path, caplog):
+    """What `nvp-dist eval`, `figures` and `export` load: `latest` when intact, else the newest intact tag
+    (as --resume auto); a damaged tag given itself, or none intact, is an error naming the problem."""
+    from nvp_dist.train.export import resolve_tag_dir
+
+    root = tmp_path / "run" / "checkpoints"
+    for step in (5, 10):
+        write_tag(root, step, b"w")
+        ckpt.finalize(root, step, keep=3)
+    assert resolve_tag_dir(tmp_path / "run") == root / "step00000010"
+    victim = root / "step00000010" / "weights.pt"
+    victim.write_bytes(victim.read_bytes()[:10])
+    for given in (tmp_path / "run", root):
+        assert resolve_tag_dir(given) == root / "step00000005"
+    assert "falling back" in caplog.text
+    with pytest.raises(RuntimeError, match="step00000010 is not a complete checkpoint: weights.pt has 10 bytes"):
+        resolve_tag_dir(root / "step00000010")
+    (root / "step00000005" / "MANIFEST.json").unlink()
+    with pytest.raises(RuntimeError, match="no complete checkpoint under"):
+        resolve_tag_dir(tmp_path / "run")
