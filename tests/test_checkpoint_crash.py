@@ -1,6 +1,7 @@
 """A process killed at each stage of sealing a checkpoint (fault points of NVP_CHECKPOINT_FAULT, no sleeps)
 leaves a checkpoint that `--resume auto` accepts: recover() then newest_valid(), as the trainer runs them.
 The same through the real launcher is in tests/test_train_crash.py."""
+import json
 import subprocess
 import sys
 
@@ -85,3 +86,18 @@ def test_eval_figures_export_resolve_to_a_verified_checkpoint(tmp_path, caplog):
     (root / "step00000005" / "MANIFEST.json").unlink()
     with pytest.raises(RuntimeError, match="no complete checkpoint under"):
         resolve_tag_dir(tmp_path / "run")
+
+
+def test_metrics_records_past_the_resumed_step_and_a_torn_line_are_dropped(tmp_path):
+    from nvp_dist.train import records
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"event": "train", "step": s} for s in (1, 2, 3)] + [{"event": "eval", "step": 3}]
+    text = "".join(json.dumps(r) + "\n" for r in lines)
+    path.write_text(text + '{"event": "train", "st')
+    records.truncate(path, 2)
+    assert [json.loads(x) for x in path.read_text().splitlines()] == lines[:2]
+    records.truncate(path, 2)  # nothing to drop: the file is left alone
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in lines[:2])
+    records.truncate(path, 0)  # a fresh start in the same directory
+    assert path.read_text() == ""

@@ -24,7 +24,7 @@ from nvp_dist.flows import RealNVP, dequantize, set_stats_reducer, to_logit
 from nvp_dist.flows.preprocess import bits_from_latents
 from nvp_dist.metrics import TrainingMetrics
 from nvp_dist.train import checkpoint as ckpt
-from nvp_dist.train import safe_load
+from nvp_dist.train import records, safe_load
 from nvp_dist.train.distributed import (DistEnv, all_reduce_sum, average_buffers, barrier, broadcast_object,
                                         init_distributed, reduce_tensor)
 from nvp_dist.train.ema import EMA, full_state_dict
@@ -104,6 +104,7 @@ class Trainer:
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(to_yaml(cfg))
+            records.truncate(self.out / "metrics.jsonl", self.step)  # the steps after it are replayed
             log.info("nvp-dist %s: %d ranks (%s), %s parameters, global batch %d = %d x %d ranks x %d accum, "
                      "ZeRO %d, %s, checkpointing %s", cfg.name, env.world_size, env.backend,
                      f"{n_params:,}", t.batch_size, self.micro, env.world_size,
@@ -153,8 +154,8 @@ class Trainer:
                 log.warning("stopped by a termination signal at step %d after saving %s", self.step,
                             self.last_checkpoint)
                 raise SystemExit(128 + (self._stop_signal or 15))
-        if not result:  # resumed a run that had already finished: report it anyway
-            result = self.evaluate_and_sample()
+        if not result:  # resumed a run that had already finished: report it anyway (already recorded)
+            result = self.evaluate_and_sample(record=False)
         self._finish()
         return result
 
@@ -214,7 +215,7 @@ class Trainer:
         model.load_state_dict(weights)
         return model.to(self.env.device).eval()
 
-    def evaluate_and_sample(self) -> dict:
+    def evaluate_and_sample(self, record: bool = True) -> dict:
         t = self.cfg.train
         model = self.inference_model()
         result = evaluate(model, self.cfg, self.env, max_batches=t.eval_batches)
@@ -227,7 +228,8 @@ class Trainer:
             result["samples"] = str(grid)
             log.info("eval step %d: %s bits/dim on %d %s images (%s)", self.step, f"{result['bits_per_dim']:.4f}",
                      result["images"], self.cfg.data.eval_split, grid)
-            self._record({"event": "eval", **result})
+            if record:
+                self._record({"event": "eval", **result})
         return result
 
     def _sample_cond(self, n: int) -> Optional[torch.Tensor]:
