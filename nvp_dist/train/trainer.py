@@ -191,8 +191,11 @@ class Trainer:
                     grad_ok = self._reduced_norm.isfinite().float()
                 else:
                     grad_ok = self._grad_finite
-                ok = reduce_tensor(finite * grad_ok, torch.distributed.ReduceOp.MIN)
+                local_ok = finite * grad_ok
+                ok = reduce_tensor(local_ok.clone(), torch.distributed.ReduceOp.MIN)
                 self.optimizer.skip_next = ok.item() == 0
+                if self.optimizer.skip_next and local_ok.item() == 0:  # this rank saw it (the alert's count)
+                    self.metrics.nonfinite_step()
             self.engine.step()
         if not t.sync_bn:
             average_buffers(self.engine.module)
