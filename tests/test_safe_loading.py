@@ -51,15 +51,17 @@ def nvp_dist(*args):
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("command", ["eval", "figures"])
+@pytest.mark.parametrize("command", ["eval", "figures", "export"])
 def test_crafted_model_file_is_refused(command, tmp_path):
     marker = tmp_path / "pwned"
-    model = tmp_path / "model_fp32.pt"
-    torch.save({"format_version": 2, "model": CreatesAFile(marker)}, model)
-    args = ["samples", "--out", str(tmp_path / "fig")] if command == "figures" else []
-    done = nvp_dist(command, *args, "--checkpoint", str(model))
-    assert done.returncode == 2 and "refused to load" in done.stderr and str(model) in done.stderr, explain(done)
-    assert not marker.exists()
+    args = {"figures": ["samples", "--out", str(tmp_path / "fig")], "export": ["--out", str(tmp_path / "x.pt")],
+            "eval": []}[command]
+    if command != "export":  # an exported model file; export reads checkpoint directories only
+        model = tmp_path / "model_fp32.pt"
+        torch.save({"format_version": 2, "model": CreatesAFile(marker)}, model)
+        done = nvp_dist(command, *args, "--checkpoint", str(model))
+        assert done.returncode == 2 and "refused to load" in done.stderr and str(model) in done.stderr, explain(done)
+        assert not marker.exists()
     # A checkpoint directory whose DeepSpeed files carry the payload, its manifest intact.
     tag = crafted_checkpoint(tmp_path / "run" / "checkpoints" / "step00000001", marker)
     (tag.parent / "latest").write_text(tag.name)

@@ -48,7 +48,7 @@ def load(path: str | Path, allow: Iterable[Any] = (), mmap: bool = False) -> Any
         raise UnsafeFileError(f"refused to load {path}: it is not a plain weights file, and loading it could run "
                               f"code ({_first_line(err)})") from err
     except (RuntimeError, EOFError, AttributeError, TypeError) as err:
-        raise UnsafeFileError(f"cannot load {path}: not a torch.save file of weights ({_first_line(err)})") from err
+        raise UnsafeFileError(f"refused to load {path}: not a torch.save file of weights ({_first_line(err)})") from err
 
 
 def _first_line(err: BaseException) -> str:
