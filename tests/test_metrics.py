@@ -45,6 +45,7 @@ def feed(m: TrainingMetrics) -> None:
     m.step(8, loss=3.0, bits_per_dim=3.25, samples=32, step_seconds=0.2, data_wait_seconds=0.002,
            grad_norm=1.5, lr=5e-4)
     m.eval(bits_per_dim=3.4, step=8)
+    m.nonfinite_step()
     m.skipped_step()
     m.bad_samples(3)
     m.bad_samples(0)
@@ -65,6 +66,7 @@ def test_names_values_and_labels(metrics):
     assert value(text, "nvp_train_steps_total", **r) == 2
     assert value(text, "nvp_train_samples_total", **r) == 64
     assert value(text, "nvp_train_skipped_steps_total", **r) == 1
+    assert value(text, "nvp_train_nonfinite_steps_total", **r) == 1
     assert value(text, "nvp_data_bad_samples_total", **r) == 3
     assert value(text, "nvp_eval_bpd", **r) == 3.4
     assert value(text, "nvp_eval_step", **r) == 8
@@ -101,6 +103,7 @@ def test_unknown_values_have_no_sample_until_reported(metrics):
     try:
         text = scrape(fresh)
         assert value(text, "nvp_train_skipped_steps_total", rank="0") == 0
+        assert value(text, "nvp_train_nonfinite_steps_total", rank="0") == 0
         assert ("nvp_train_step", frozenset({("rank", "0")})) not in samples(text)
     finally:
         fresh.close()

@@ -1,6 +1,7 @@
 """A real Prometheus server (the session fixture of tests/prometheus_server.py) scrapes a running 2-rank
 training job: the real `deepspeed` launcher on the debug config, CPU ranks on loopback, each rank serving
-`metrics.port + local_rank`. The test reads the series back through Prometheus's HTTP API while the job runs."""
+`metrics.port + local_rank`. The test reads the series back through Prometheus's HTTP API while the job runs,
+and evaluates the NvpLossNotFinite alert's own expression on them after a NaN injected into rank 1's loss."""
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import time
 
 import pytest
 
+from tests.k8s_helpers import K8S, find, load_manifests
 from tests.launch_helpers import ROOT, debug_args, deepspeed_cmd, train_env
 
 pytest_plugins = ["tests.prometheus_server"]
@@ -29,6 +31,11 @@ def free_port_pair() -> int:
                 continue
             return port
     raise RuntimeError("no two consecutive free ports")
+
+
+def alert_expr(name: str) -> str:
+    rules = find(load_manifests(K8S / "monitoring"), "PrometheusRule")["spec"]["groups"]
+    return next(r["expr"] for g in rules for r in g["rules"] if r.get("alert") == name)
 
 
 def by_rank(result) -> dict[str, float]:
@@ -59,9 +66,11 @@ def test_prometheus_scrapes_a_running_two_rank_job(prometheus, digits_dir, tmp_p
     port = free_port_pair()
     urls = [f"http://127.0.0.1:{port + r}/metrics" for r in (0, 1)]
     sel = 'training_job="live-debug"'
-    # Long enough to be still running when queried; no evaluation or checkpoint on the way.
+    # Long enough to be still running when queried; no evaluation or checkpoint on the way. Rank 1's loss
+    # is NaN at step 3: the guard skips that step on both ranks and training goes on.
     args = debug_args(digits_dir, tmp_path / "run", "train.steps=5000", "train.eval_every=5000",
-                      "train.checkpoint_every=5000", "train.log_every=100", f"metrics.port={port}")
+                      "train.checkpoint_every=5000", "train.log_every=100", f"metrics.port={port}",
+                      "train.inject_nan_steps=[3]", "train.inject_nan_rank=1")
     log_path = tmp_path / "train.log"
 
     def log_tail() -> str:
@@ -105,6 +114,13 @@ def test_prometheus_scrapes_a_running_two_rank_job(prometheus, digits_dir, tmp_p
             assert all(v % 16 == 0 for v in later.values()), later
             rss = by_rank(prometheus.query(f'nvp_memory_used_bytes{{{sel},kind="process_rss"}}'))
             assert set(rss) == {"0", "1"} and all(v > 50 * 2**20 for v in rss.values()), rss
+            # The critical alert's expression, as the PrometheusRule has it, is true for this job: one rank.
+            fired = until(alert_expr("NvpLossNotFinite"),
+                          lambda r: any(x["metric"].get("training_job") == "live-debug" for x in r), timeout=60)
+            assert [float(x["value"][1]) for x in fired if x["metric"]["training_job"] == "live-debug"] == [1.0]
+            nonfinite = by_rank(prometheus.query(f"nvp_train_nonfinite_steps_total{{{sel}}}"))
+            skipped = by_rank(prometheus.query(f"nvp_train_skipped_steps_total{{{sel}}}"))
+            assert nonfinite == {"0": 0.0, "1": 1.0} and skipped == {"0": 1.0, "1": 1.0}, (nonfinite, skipped)
             up = {x["metric"]["instance"]: float(x["value"][1]) for x in prometheus.query(f"up{{{sel}}}")}
             assert up == {f"127.0.0.1:{port}": 1.0, f"127.0.0.1:{port + 1}": 1.0}
             # Everything above was read from a job that had not finished.

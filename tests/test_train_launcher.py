@@ -50,8 +50,8 @@ def test_resume_matches_uninterrupted_run_and_skips_a_truncated_checkpoint(digit
     log = second.stdout + second.stderr
     assert "step00000010 is not usable" in log and "falling back" in log
     assert "resumed from" in log and "step00000005 at step 5" in log
-    a = torch.load(tmp_path / "whole" / "model_fp32.pt", weights_only=False)["model"]
-    b = torch.load(part / "model_fp32.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "whole" / "model_fp32.pt", weights_only=True)["model"]
+    b = torch.load(part / "model_fp32.pt", weights_only=True)["model"]
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
     bitwise = all(torch.equal(a[k], b[k]) for k in a)

@@ -9,7 +9,7 @@ CONDS = ("none", "class", "attributes")
 class DataConfig:
     # Directory holding `manifest.json` and the `{split}-NNNNNN.tar` shards, or the URL of one: http(s)
     # (pieces fetched with Range requests), or pipe:/gs:// and the like through webdataset's gopen (there
-    # the bytes before a piece are read and dropped: use small shards).
+    # the bytes before a piece are read and dropped: use small shards; needs allow_shell_paths below).
     path: str = "data/digits"
     # Split names as written in the manifest (digits/cifar10: train, test; imagenet/lsun/celeba: train, val).
     train_split: str = "train"
@@ -32,11 +32,20 @@ class DataConfig:
     # Conditioning returned with each batch: none | class (one-hot labels) | attributes (CelebA's 0/1
     # attributes). The manifest must carry that kind of label.
     cond: str = "none"
+    # data.path values that webdataset's gopen opens by running a command (pipe:..., gs://, s3://, sftp://)
+    # are refused unless this is true: such a path is a shell command line. Only a user's own config or
+    # override can set it; the config stored in a checkpoint or model file never does.
+    allow_shell_paths: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the dotted key of the first inconsistent field."""
         if not self.path:
             raise ValueError("data.path must not be empty")
+        from nvp_dist.data.manifest import runs_a_command
+
+        if runs_a_command(self.path) and not self.allow_shell_paths:
+            raise ValueError(f"data.path={self.path} would be opened by running a shell command (webdataset's "
+                             "gopen); set data.allow_shell_paths=true if you trust it")
         if not self.train_split or not self.eval_split:
             raise ValueError("data.train_split and data.eval_split must not be empty")
         if self.transform not in TRANSFORMS:

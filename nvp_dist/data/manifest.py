@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ FORMAT_VERSION = 1
 HTTP_TIMEOUT_S = 60
 MANIFEST_NAME = "manifest.json"
 COND_KINDS = ("none", "class", "attributes")
+SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 class DataError(RuntimeError):
@@ -87,6 +89,12 @@ def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
+def runs_a_command(url: str) -> bool:
+    """True for what only webdataset's gopen reads: pipe: runs its text in a shell, and its other schemes
+    (gs://, s3://, sftp://...) run curl, gsutil or aws with the URL in a shell command line."""
+    return not is_local(url) and not url.startswith(("http://", "https://"))
+
+
 def open_url(url: str, offset: int = 0) -> IO[bytes]:
     """Read `url` from byte `offset`: a local file (seek), http(s) (a Range request), or anything else
     webdataset's gopen reads (pipe:, gs://..., whose bytes before `offset` are read and dropped)."""
@@ -129,6 +137,10 @@ def read_manifest(path: str | Path) -> Manifest:
         manifest = Manifest(**raw, splits=splits, location=location)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"invalid manifest {url}: {err}") from err
+    for split in manifest.splits.values():
+        for shard in split.shards:  # joined to the data set's URL: a name must not change its scheme
+            if not SHARD_NAME.match(shard.name):
+                raise DataError(f"invalid manifest {url}: shard name {shard.name!r} is not a plain file name")
     if manifest.cond_kind not in COND_KINDS:
         raise DataError(f"invalid manifest {url}: cond_kind {manifest.cond_kind!r}")
     return manifest

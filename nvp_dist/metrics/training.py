@@ -10,6 +10,7 @@ Names (promtool-clean, base units, `_total` on counters):
   nvp_train_step, nvp_train_last_step_timestamp_seconds           last applied step and its wall time
   nvp_train_loss, nvp_train_bpd, nvp_train_grad_norm, nvp_train_learning_rate
   nvp_train_steps_total, nvp_train_samples_total, nvp_train_skipped_steps_total, nvp_data_bad_samples_total
+  nvp_train_nonfinite_steps_total                                 steps whose loss or gradient was NaN/inf here
   nvp_train_step_duration_seconds, nvp_train_data_wait_seconds    histograms
   nvp_eval_bpd, nvp_eval_step
   nvp_checkpoint_save_duration_seconds, nvp_checkpoint_last_step, nvp_checkpoint_last_timestamp_seconds
@@ -50,8 +51,8 @@ class TrainingMetrics:
     """Per-rank training metrics served over HTTP; every method is a no-op when `cfg.enabled` is false or
     the port is taken (logged as a warning).
 
-    Call `step()` once per applied optimiser step, `skipped_step()` for a step the non-finite guard
-    cancelled, `eval()` after each evaluation, `checkpoint()` after each save, `close()` at exit.
+    Call `step()` once per applied optimiser step, `nonfinite_step()` when this rank's loss or gradient is
+    not finite (before the guard decides), `skipped_step()` for a step the non-finite guard cancelled, `eval()` after each evaluation, `checkpoint()` after each save, `close()` at exit.
     """
 
     def __init__(self, cfg: MetricsConfig, rank: int, local_rank: int, info: Mapping[str, object],
@@ -100,6 +101,10 @@ class TrainingMetrics:
         self._steps_total = counter("nvp_train_steps", "Optimiser steps applied by this process.")
         self._samples_total = counter("nvp_train_samples", "Training samples this rank processed.")
         self._skipped_total = counter("nvp_train_skipped_steps", "Steps skipped for a non-finite loss or gradient.")
+        # Counted on the rank that saw the NaN/inf, before the guard skips the step: a skipped step sets no
+        # loss gauge, so this is what the NvpLossNotFinite alert reads.
+        self._nonfinite_total = counter("nvp_train_nonfinite_steps",
+                                        "Steps whose loss or gradient was not finite on this rank.")
         self._bad_total = counter("nvp_data_bad_samples", "Corrupt or unreadable data samples this rank dropped.")
         self._step_seconds = Histogram("nvp_train_step_duration_seconds", "Wall time of one optimiser step.",
                                        ["rank"], buckets=STEP_BUCKETS, registry=reg).labels(r)
@@ -160,6 +165,12 @@ class TrainingMetrics:
         if not self.enabled:
             return
         self._skipped_total.inc()
+
+    def nonfinite_step(self) -> None:
+        """This rank's loss or gradient was NaN or infinite at the step being taken."""
+        if not self.enabled:
+            return
+        self._nonfinite_total.inc()
 
     def bad_samples(self, n: int) -> None:
         """`n` samples newly found bad since the previous call (a counter only goes up)."""

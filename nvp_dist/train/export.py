@@ -15,24 +15,44 @@ import torch
 from omegaconf import OmegaConf
 
 from nvp_dist.config import Config, config_from_yaml
+from nvp_dist.data.manifest import runs_a_command
 from nvp_dist.flows import RealNVP
-from nvp_dist.train.checkpoint import FORMAT_VERSION, read_nvp_state, verify
+from nvp_dist.train import safe_load
+from nvp_dist.train.checkpoint import FORMAT_VERSION, checkpoint_tags, log, newest_valid, read_nvp_state, verify
 
 
 def resolve_tag_dir(path: Path) -> Path:
-    """A run dir, a checkpoints dir (via `latest`) or a tag dir -> the tag dir."""
-    for root in (path / "checkpoints", path):
-        if (root / "latest").is_file():
-            return root / (root / "latest").read_text().strip()
-    if (path / "nvp_state.pt").is_file():
+    """A run dir, a checkpoints dir or a tag dir -> a tag dir whose manifest verifies. From a run or
+    checkpoints dir: `latest`, or the newest complete checkpoint when that one is damaged (as `--resume
+    auto` does); a tag dir given itself must verify. RuntimeError naming what is wrong otherwise."""
+    if (path / "nvp_state.pt").is_file() or (path / "MANIFEST.json").is_file():
+        problem = verify(path)
+        if problem is not None:
+            raise RuntimeError(f"{path} is not a complete checkpoint: {problem}")
         return path
+    for root in (path / "checkpoints", path):
+        latest = root / "latest"
+        if latest.is_file() or checkpoint_tags(root):
+            if latest.is_file():
+                named = root / latest.read_text().strip()
+                problem = verify(named)
+                if problem is None:
+                    return named
+                log.warning("%s names %s, which is not usable (%s): falling back to an older checkpoint",
+                            latest, named, problem)
+            tag = newest_valid(root)
+            if tag is None:
+                raise RuntimeError(f"no complete checkpoint under {root} (each lacks or fails its MANIFEST.json)")
+            return root / tag
     raise FileNotFoundError(f"{path} is neither a checkpoint, a checkpoints directory nor a run directory")
 
 
 def consolidated_state_dict(tag_dir: Path, zero_stage: int) -> Dict[str, torch.Tensor]:
     """The engine's weights and buffers, whole and float32, read from the per-rank files on CPU."""
+    # DeepSpeed's reader below uses the full unpickler: only files that pass the restricted one reach it.
+    safe_load.check_deepspeed_files(tag_dir)
     if zero_stage == 0:
-        sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        sd = safe_load.load(tag_dir / "mp_rank_00_model_states.pt", allow=safe_load.deepspeed_globals())["module"]
         return {k: v.float() for k, v in sd.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -62,7 +82,7 @@ def load_inference_model(path: str | Path, use_ema: bool = True, device: str | t
                          config: Optional[Config] = None) -> Tuple[RealNVP, Config, int]:
     path = Path(path)
     if path.is_file():
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = safe_load.load(path)
         if payload.get("format_version", 0) > FORMAT_VERSION:
             raise RuntimeError(f"{path} has format {payload['format_version']}; this nvp-dist reads up to {FORMAT_VERSION}")
         cfg_text, step, weights, ema = payload["config"], payload["step"], payload["model"], payload.get("ema")
@@ -72,6 +92,9 @@ def load_inference_model(path: str | Path, use_ema: bool = True, device: str | t
         cfg_text, step, ema = state["config"], state["step"], state.get("ema")
         weights = consolidated_state_dict(tag_dir, config_from_yaml(cfg_text).train.zero_stage)
     cfg = config_from_yaml(cfg_text)
+    if config is None and runs_a_command(cfg.data.path):
+        raise ValueError(f"{path} was trained on data.path={cfg.data.path}, which runs a shell command; a model "
+                         "file cannot opt in to that: pass --config with data.allow_shell_paths=true")
     if config is not None:
         if OmegaConf.structured(config.model) != OmegaConf.structured(cfg.model):
             raise ValueError(f"the model section of the given config differs from the one {path} was trained with")

@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         out = export_fp32(resolve_tag_dir(Path(args.checkpoint)), Path(args.out))
-    except (FileNotFoundError, RuntimeError) as err:
+    except (FileNotFoundError, RuntimeError, ValueError) as err:  # ValueError: a file refused by safe_load
         print(f"nvp-dist export: {err}", file=sys.stderr)
         return 2
     print(out)

@@ -24,6 +24,7 @@ from nvp_dist.flows import RealNVP, dequantize, set_stats_reducer, to_logit
 from nvp_dist.flows.preprocess import bits_from_latents
 from nvp_dist.metrics import TrainingMetrics
 from nvp_dist.train import checkpoint as ckpt
+from nvp_dist.train import records, safe_load
 from nvp_dist.train.distributed import (DistEnv, all_reduce_sum, average_buffers, barrier, broadcast_object,
                                         init_distributed, reduce_tensor)
 from nvp_dist.train.ema import EMA, full_state_dict
@@ -103,6 +104,7 @@ class Trainer:
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(to_yaml(cfg))
+            records.truncate(self.out / "metrics.jsonl", self.step)  # the steps after it are replayed
             log.info("nvp-dist %s: %d ranks (%s), %s parameters, global batch %d = %d x %d ranks x %d accum, "
                      "ZeRO %d, %s, checkpointing %s", cfg.name, env.world_size, env.backend,
                      f"{n_params:,}", t.batch_size, self.micro, env.world_size,
@@ -152,8 +154,8 @@ class Trainer:
                 log.warning("stopped by a termination signal at step %d after saving %s", self.step,
                             self.last_checkpoint)
                 raise SystemExit(128 + (self._stop_signal or 15))
-        if not result:  # resumed a run that had already finished: report it anyway
-            result = self.evaluate_and_sample()
+        if not result:  # resumed a run that had already finished: report it anyway (already recorded)
+            result = self.evaluate_and_sample(record=False)
         self._finish()
         return result
 
@@ -189,8 +191,11 @@ class Trainer:
                     grad_ok = self._reduced_norm.isfinite().float()
                 else:
                     grad_ok = self._grad_finite
-                ok = reduce_tensor(finite * grad_ok, torch.distributed.ReduceOp.MIN)
+                local_ok = finite * grad_ok
+                ok = reduce_tensor(local_ok.clone(), torch.distributed.ReduceOp.MIN)
                 self.optimizer.skip_next = ok.item() == 0
+                if self.optimizer.skip_next and local_ok.item() == 0:  # this rank saw it (the alert's count)
+                    self.metrics.nonfinite_step()
             self.engine.step()
         if not t.sync_bn:
             average_buffers(self.engine.module)
@@ -213,7 +218,7 @@ class Trainer:
         model.load_state_dict(weights)
         return model.to(self.env.device).eval()
 
-    def evaluate_and_sample(self) -> dict:
+    def evaluate_and_sample(self, record: bool = True) -> dict:
         t = self.cfg.train
         model = self.inference_model()
         result = evaluate(model, self.cfg, self.env, max_batches=t.eval_batches)
@@ -226,7 +231,8 @@ class Trainer:
             result["samples"] = str(grid)
             log.info("eval step %d: %s bits/dim on %d %s images (%s)", self.step, f"{result['bits_per_dim']:.4f}",
                      result["images"], self.cfg.data.eval_split, grid)
-            self._record({"event": "eval", **result})
+            if record:
+                self._record({"event": "eval", **result})
         return result
 
     def _sample_cond(self, n: int) -> Optional[torch.Tensor]:
@@ -262,6 +268,9 @@ class Trainer:
         self.metrics.checkpoint(time.perf_counter() - started, self.step)
 
     def _resume(self, resume: str) -> None:
+        if self.env.is_main:
+            ckpt.recover(self.ckpt_root)
+        barrier()
         if resume == "none":
             if ckpt.checkpoint_tags(self.ckpt_root):
                 raise ConfigError(f"{self.ckpt_root} already holds checkpoints: pass --resume auto to continue "
@@ -278,6 +287,7 @@ class Trainer:
             problem = ckpt.verify(tag_dir)
             if problem is not None:
                 raise ConfigError(f"--resume {resume}: {problem}")
+        safe_load.check_deepspeed_files(tag_dir)  # DeepSpeed unpickles them with the full unpickler
         path, _ = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
@@ -287,7 +297,7 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         rng = tag_dir / f"rng_rank{self.env.rank}.pt"
         if rng.is_file():
-            ckpt.set_rng_state(torch.load(rng, weights_only=False))
+            ckpt.set_rng_state(ckpt.read_rng_state(rng))
         self.last_checkpoint = str(tag_dir)
         log.info("resumed from %s at step %d", tag_dir, self.step)
 

@@ -2,6 +2,7 @@
 downsampled ImageNet npz files."""
 from __future__ import annotations
 
+import io
 import pickle
 import re
 import tarfile
@@ -39,9 +40,30 @@ def digits_source(input_path: str | None = None) -> Source:
     return Source("digits", "digits", "class", [str(i) for i in range(10)], splits)
 
 
-def _unpickle(data: bytes) -> dict[bytes, Any]:
+class _BatchUnpickler(pickle.Unpickler):
+    """The CIFAR batches are pickles, and a pickle can call anything: only numpy arrays (with dicts, lists,
+    str and numbers, which need no global) and bytes may be rebuilt. Python 3's protocol 2 writes bytes as
+    _codecs.encode(text, "latin1"), which only converts its text."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}: a CIFAR batch holds only arrays, "
+                                         "lists, dicts, bytes and str")
+        return super().find_class(module, name)
+
+
+def _unpickle(data: bytes, name: str = "") -> dict[bytes, Any]:
     # The batches were pickled by Python 2: keys and file names are byte strings.
-    return pickle.loads(data, encoding="bytes")
+    try:
+        batch = _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+        raise ValueError(f"CIFAR-10 batch {name}: {err}") from err
+    if not isinstance(batch, dict):
+        raise ValueError(f"CIFAR-10 batch {name}: a {type(batch).__name__}, not a dict")
+    return batch
 
 
 def _cifar_files(input_path: Path) -> dict[str, bytes]:
@@ -62,18 +84,18 @@ def cifar10_source(input_path: str) -> Source:
     if not train_names or "test_batch" not in files or "batches.meta" not in files:
         raise FileNotFoundError(f"{input_path}: expected data_batch_N, test_batch and batches.meta "
                                 "(cifar-10-python.tar.gz or its extracted folder)")
-    label_names = [n.decode() for n in _unpickle(files["batches.meta"])[b"label_names"]]
+    label_names = [n.decode() for n in _unpickle(files["batches.meta"], "batches.meta")[b"label_names"]]
 
     def loader(name: str):
         def load():
-            batch = _unpickle(files[name])
+            batch = _unpickle(files[name], name)
             images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
             ids = [f"{name}/{f.decode()}" for f in batch[b"filenames"]]
             return images, np.asarray(batch[b"labels"]), ids
         return load
 
     def split(names: list[str]) -> SplitSource:
-        count = sum(len(_unpickle(files[n])[b"labels"]) for n in names)
+        count = sum(len(_unpickle(files[n], n)[b"labels"]) for n in names)
         return chained_split([loader(n) for n in names], count)
 
     return Source("cifar10", "cifar10", "class", label_names,
