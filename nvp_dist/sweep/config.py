@@ -178,7 +178,7 @@ def _override_value(value: Any) -> str:
     return "'" + str(value).replace("'", "''") + "'"  # a YAML single-quoted scalar
 
 
-def _representative(spec: ParamSpec) -> Any:
+def representative(spec: ParamSpec) -> Any:
     if spec.type in ("grid", "choice"):
         return spec.values[0]
     return int(spec.low) if spec.type == "randint" else spec.low
@@ -242,7 +242,7 @@ def validate(sweep: SweepConfig) -> None:
             raise ConfigError(f"scheduler.type=pbt cannot mutate {', '.join(frozen)}: a trial resumed from a "
                               "cloned checkpoint keeps the model's shape and the optimiser state it saved")
     # Every key and value type must fit the training schema: fail now, not in the first trial.
-    steps = sweep.training_config({k: _representative(s) for k, s in specs.items()}).train.steps
+    steps = sweep.training_config({k: representative(s) for k, s in specs.items()}).train.steps
     max_t = sweep.scheduler.max_t or steps
     if sweep.scheduler.type == "asha" and sweep.scheduler.grace_period > max_t:
         raise ConfigError(f"scheduler.grace_period={sweep.scheduler.grace_period} exceeds ASHA's max_t={max_t} "
