@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import multiprocessing
 import os
 import sys
 from typing import List, Optional
@@ -81,6 +82,9 @@ def fail(err: BaseException, saving=None) -> None:
     log.error("rank %d failed (exit code %d): %s", rank, code, message,
               exc_info=err if code == EXIT_FAILED else None)
     watchdog.report_failure(code, message)
+    # DataLoader workers would serve on for their SIGTERM grace period, holding the launcher's wait.
+    for child in multiprocessing.active_children():
+        child.kill()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)
