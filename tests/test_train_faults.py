@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -212,3 +213,39 @@ def test_sigterm_or_sigint_during_evaluation_checkpoints_and_the_resumed_run_mat
     b = torch.load(part / "model_fp32.pt", weights_only=False)["model"]
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
+
+
+def test_a_hung_rank_stops_the_others_after_peer_timeout(digits_dir, tmp_path):
+    """Two ranks started on their own, as two Kubernetes pods are (no launcher to kill the survivors): rank 1
+    frozen with SIGSTOP stops sending heartbeats, and rank 0, blocked in a collective with it, exits 1
+    after train.peer_timeout_s instead of waiting out the collective timeout."""
+    from tests.launch_helpers import TRAIN, free_port
+
+    out = tmp_path / "run"
+    args = debug_args(digits_dir, out, "train.steps=100000", "train.checkpoint_every=100000",
+                      "train.eval_every=100000", "train.log_every=1", "metrics.enabled=false",
+                      "train.peer_timeout_s=5")
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, TRAIN, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**train_env(), "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                                   "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for r in (0, 1)]
+    try:
+        deadline = time.time() + 180
+        while not (out / "metrics.jsonl").exists() and time.time() < deadline and ranks[0].poll() is None:
+            time.sleep(0.2)
+        assert (out / "metrics.jsonl").exists(), ranks[0].communicate()[0][-6000:]
+        ranks[1].send_signal(signal.SIGSTOP)
+        frozen = time.time()
+        log = ranks[0].communicate(timeout=120)[0]
+        elapsed = time.time() - frozen
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert ranks[0].returncode == 1, log[-6000:]
+    assert "rank 0 stopping with exit code 1: rank 1 sent no heartbeat" in log, log[-6000:]
+    print(f"rank 0 exited {elapsed:.1f} s after rank 1 froze (train.peer_timeout_s=5)")
+    assert 5 <= elapsed < 60
