@@ -69,7 +69,7 @@ def _tuner(sweep: SweepConfig) -> tuple[tune.Tuner, bool]:
     (exp / "sweep.yaml").write_text(_snapshot(sweep))
     run_config = tune.RunConfig(
         name=sweep.name, storage_path=sweep.storage,
-        failure_config=tune.FailureConfig(max_failures=0),
+        failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
         # A trial resumes from its newest; PBT clones one that may be many reports old by the time the
         # cloning trial restarts, so under PBT every checkpoint stays.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None if sweep.scheduler.type == "pbt" else 3),

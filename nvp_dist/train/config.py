@@ -70,10 +70,12 @@ class TrainConfig:
     # a failing rank's exception stops the others within about a second.
     peer_timeout_s: float = 30.0
     # Test hook: send this process SIGTERM (or SIGINT, inject_signal) when evaluation reaches this batch
-    # (counted from 1, every evaluation; 0 = never), on inject_signal_rank (-1 = every rank).
+    # (counted from 1; 0 = never), on inject_signal_rank (-1 = every rank).
     inject_signal_at_eval_batch: int = 0
     inject_signal: str = "SIGTERM"
     inject_signal_rank: int = 0
+    # ...only in the evaluation after this step (0 = every evaluation).
+    inject_signal_step: int = 0
     # Raw DeepSpeed keys merged over the generated DeepSpeed config (escape hatch).
     deepspeed: Dict[str, Any] = field(default_factory=dict)
 

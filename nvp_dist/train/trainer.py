@@ -222,7 +222,7 @@ class Trainer:
         t = self.cfg.train
         model = self.inference_model()
         result = evaluate(model, self.cfg, self.env, max_batches=t.eval_batches,
-                          stop=lambda: self._stop_signal is not None)
+                          stop=lambda: self._stop_signal is not None, step=self.step)
         if result.get("interrupted"):
             log.warning("evaluation at step %d abandoned: stopping on a termination signal", self.step)
             return {}
@@ -308,6 +308,10 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_signal is not None
 
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
         """Stop after the current step (abandoning an evaluation), checkpoint, and raise SystemExit(143):
