@@ -62,6 +62,8 @@ class Watchdog:
                     while (self.store.add(PREFIX + "seen", 0) < self._live_peers()
                            and time.monotonic() < deadline):
                         time.sleep(self.interval_s / 4)
+                else:  # failed alike (a collective decision, or the same bad input): the first one is named
+                    self.store.add(PREFIX + "seen", 1)
         except Exception as err:  # the store's host died too: the peers' heartbeat check takes over
             log.warning("could not publish this failure to the other ranks: %s", err)
 
