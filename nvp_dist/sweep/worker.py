@@ -101,6 +101,11 @@ def train_worker(loop_config: Dict[str, Any]) -> None:
         raise TrialPreempted(f"stopped by a termination signal at step {trainer.step} after checkpoint "
                              f"{trainer.last_checkpoint}") from None
     finally:
+        # Ray Train supervises the worker group (it ends every worker when one fails): the trainer's
+        # watchdog must not outlive the run, or count rank 0's departure at the end as a failure.
+        from nvp_dist.train import watchdog
+
+        watchdog.finished()
         trainer.close()
 
 
