@@ -8,7 +8,8 @@ be a filesystem every node mounts, since the trainers write their checkpoints th
     RAY_ADDRESS=auto python launch/sweep.py --config configs/sweeps/cifar10.yaml storage=/shared/sweeps
 Running the same command again after the driver died resumes the sweep (finished trials are kept).
 Results: storage/name/trials.csv and storage/name/best.yaml, which `launch/train.py --config` trains.
-Exit codes: 0 done, 1 no trial reported a result, 2 bad sweep config.
+Exit codes: 0 done, 1 no trial reported a result, 2 bad sweep config or a trial's data missing or unfit (checked
+before Ray starts, as launch/train.py checks it).
 """
 import sys
 

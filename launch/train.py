@@ -13,7 +13,8 @@ Two nodes without ssh (Kubernetes, k8s/): run on each node, NODE_RANK 0 or 1:
         launch/train.py --config configs/imagenet64.yaml --resume auto
 The same script runs under torchrun:
     torchrun --nproc_per_node 2 launch/train.py --config configs/debug.yaml
-Exit codes: 0 done, 2 bad config or data (before training), 3 diverged, 143 stopped by SIGTERM after a checkpoint.
+Exit codes (README, "Exit codes"): 0 done, 1 anything else, 2 bad config or data, 3 diverged, 143 stopped by
+SIGTERM or SIGINT after a checkpoint. One rank's failure ends every rank with its code (nvp_dist/train/watchdog.py).
 """
 import sys
 

@@ -203,3 +203,27 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_others_finish(resumed_s
     assert attempts(resumed_sweep["experiment"], failed["trial_id"]) == ["attempt-0"]
     assert sorted(r["status"] for r in rows if r is not failed) == ["finished", "finished"]
     assert all(int(r["steps"]) == 40 for r in rows if r is not failed)
+
+
+def test_a_preempted_trial_checkpoints_reports_and_resumes(ray_address, digits_dir, tmp_path):
+    """SIGTERM reaches a trial's Ray Train worker process (the test hook signals it during the evaluation
+    after step 10): the trainer, whose loop runs in a worker thread, abandons that evaluation, checkpoints,
+    reports, and the trial fails as preempted; with max_failures=1 Tune starts it again from that
+    checkpoint (step 10, not the step-5 one) and it finishes."""
+    sweep = load_sweep_config(TINY, sweep_args(
+        digits_dir, tmp_path, "name=preempt", "scheduler.type=fifo", "max_failures=1",
+        "space.train.lr.values=[3.0e-3]", "space.model.mid_channels.values=[4]", "fixed.train.steps=15",
+        "fixed.train.inject_signal_at_eval_batch=2", "fixed.train.inject_signal_step=10"))
+    outcome = run_sweep(sweep)
+    (row,) = outcome.rows
+    assert row.status == "finished" and row.steps == 15, row
+    experiment = tmp_path / "preempt"
+    assert attempts(experiment, row.trial_id) == ["attempt-0", "attempt-1"]
+    first = experiment / "trainer-runs" / row.trial_id / "attempt-0"
+    assert (first / "checkpoints" / "latest").read_text().strip() == "step00000010"
+    assert 10 not in [r["step"] for r in map(json.loads, (first / "metrics.jsonl").read_text().splitlines())
+                      if r["event"] == "eval"]  # the abandoned evaluation reported nothing of its own
+    resumed = [json.loads(line) for line in
+               (experiment / "trainer-runs" / row.trial_id / "attempt-1" / "metrics.jsonl").read_text().splitlines()]
+    assert resumed[0]["step"] > 10, resumed[0]
+    assert wait_for_all_cpus() == 2.0

@@ -95,3 +95,18 @@ def test_optuna_runs_sampled_spaces_but_not_grids(tmp_path):
                                     "space: {train.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}}\n"))
     config = tune_config(sweep)
     assert isinstance(config.search_alg, OptunaSearch) and config.max_concurrent_trials == 3
+
+
+def test_sweep_without_its_data_exits_2_naming_the_path_before_ray_starts(tmp_path):
+    """The README's sweep command on a clone whose demo has not yet written data/digits."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")  # a clone's files, without data/
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "--config", "configs/sweeps/tiny.yaml"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"no data set at {tmp_path / 'data' / 'digits'}" in proc.stderr, proc.stderr
+    # Ray never started: no local instance announced, no experiment directory made.
+    assert "Ray" not in proc.stdout + proc.stderr and not (tmp_path / "runs").exists()

@@ -92,6 +92,7 @@ def test_batch_not_divisible_by_world_size_fails_before_training(digits_dir, tmp
     ("train.stepz=3", "train.stepz"),
     ("data.path=/nonexistent/shards", "/nonexistent/shards"),
     ("model.in_channels=3", "expects (3, 8, 8)"),
+    ("metrics.bind=256.0.0.1", "metrics.bind='256.0.0.1'"),
 ])
 def test_bad_config_or_data_fails_before_training(digits_dir, tmp_path, override, message):
     proc = run_python(debug_args(digits_dir, tmp_path / "c", override))

@@ -246,6 +246,8 @@ def _defer_sigterm(worker_id: int) -> None:
     # action). Ignoring SIGTERM outright would instead hang a failing rank's exit: multiprocessing
     # terminates leftover workers with SIGTERM and joins them.
     signal.signal(signal.SIGTERM, lambda signum, frame: signal.alarm(WORKER_TERM_GRACE_S))
+    # Ctrl-C reaches the terminal's whole process group too; the rank stops on it after a checkpoint.
+    signal.signal(signal.SIGINT, lambda signum, frame: signal.alarm(WORKER_TERM_GRACE_S))
 
 
 def _batches(dataset: _ChunkStream, num_workers: int, assembler: _Assembler,

@@ -120,7 +120,11 @@ class TrainingMetrics:
             self._httpd, self._thread = start_http_server(port, addr=cfg.bind, registry=reg)
         except OSError as err:
             if err.errno != errno.EADDRINUSE:
-                raise
+                # A bad address: a configuration error (exit 2), which every rank is told of.
+                from nvp_dist.config import ConfigError  # here: nvp_dist.config imports this package
+
+                raise ConfigError(f"metrics.bind={cfg.bind!r} metrics.port={cfg.port}: cannot serve metrics "
+                                  f"on {cfg.bind}:{port}: {err}") from err
             # Observability must not stop a run: in a pod the port is the rank's own, so this happens on
             # shared machines (another job, a leftover process), where losing the endpoint is the lesser harm.
             log.warning("metrics port %s:%d (metrics.port %d + local rank %d) is in use: this rank serves no "

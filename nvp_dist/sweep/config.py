@@ -85,6 +85,9 @@ class SweepConfig:
     # Local or shared filesystem path (the trainer writes checkpoints there with plain file I/O; on a
     # multi-node cluster it must be mounted on every node).
     storage: str = "runs/sweeps"
+    # Times Tune starts a failed trial again, from its last reported checkpoint: a trial whose workers were
+    # preempted (SIGTERM: the trainer checkpoints and reports first) or died. A diverged trial is not retried.
+    max_failures: int = 0
 
     @property
     def experiment_dir(self) -> Path:
@@ -178,7 +181,7 @@ def _override_value(value: Any) -> str:
     return "'" + str(value).replace("'", "''") + "'"  # a YAML single-quoted scalar
 
 
-def _representative(spec: ParamSpec) -> Any:
+def representative(spec: ParamSpec) -> Any:
     if spec.type in ("grid", "choice"):
         return spec.values[0]
     return int(spec.low) if spec.type == "randint" else spec.low
@@ -226,6 +229,7 @@ def validate(sweep: SweepConfig) -> None:
         (sweep.metric == "bits_per_dim", "metric must be bits_per_dim (the trainer's validation metric)"),
         (sweep.num_samples >= 1 and sweep.max_concurrent >= 1, "num_samples and max_concurrent must be >= 1"),
         (sweep.resources.workers >= 1, "resources.workers must be >= 1"),
+        (sweep.max_failures >= 0, "max_failures must be >= 0"),
         (sweep.resources.cpus_per_worker > 0 and sweep.resources.driver_cpus > 0,
          "resources.cpus_per_worker and resources.driver_cpus must be > 0 (Ray refuses 0-CPU trials)"),
         (sweep.scheduler.grace_period >= 1 and sweep.scheduler.reduction_factor >= 2,
@@ -242,7 +246,7 @@ def validate(sweep: SweepConfig) -> None:
             raise ConfigError(f"scheduler.type=pbt cannot mutate {', '.join(frozen)}: a trial resumed from a "
                               "cloned checkpoint keeps the model's shape and the optimiser state it saved")
     # Every key and value type must fit the training schema: fail now, not in the first trial.
-    steps = sweep.training_config({k: _representative(s) for k, s in specs.items()}).train.steps
+    steps = sweep.training_config({k: representative(s) for k, s in specs.items()}).train.steps
     max_t = sweep.scheduler.max_t or steps
     if sweep.scheduler.type == "asha" and sweep.scheduler.grace_period > max_t:
         raise ConfigError(f"scheduler.grace_period={sweep.scheduler.grace_period} exceeds ASHA's max_t={max_t} "

@@ -1,7 +1,8 @@
 """What `launch/sweep.py` runs: arguments -> sweep config -> Ray Tune, with exit codes a scheduler can act on.
 
 Exit codes: 0 the sweep ran to the end and some trial reported a result (failed trials are in the table);
-1 no trial reported anything; 2 a configuration error, found before any trial starts.
+1 no trial reported anything; 2 a configuration or data error (a trial's data missing, or not fitting its model), found before Ray
+starts.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from nvp_dist.config import ConfigError
+    from nvp_dist.data import DataError
     from nvp_dist.sweep.config import load_sweep_config
 
     try:
@@ -32,7 +34,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from nvp_dist.sweep.runner import run_sweep
 
         outcome = run_sweep(sweep)
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:
         print(f"nvp-dist sweep: {err}", file=sys.stderr)
         return EXIT_CONFIG
     return 0 if outcome.best_yaml is not None else EXIT_NO_RESULT

@@ -11,14 +11,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import ray
 from omegaconf import OmegaConf
 from ray import tune
 
-from nvp_dist.config import ConfigError
-from nvp_dist.sweep.config import SweepConfig
+from nvp_dist.config import Config, ConfigError
+from nvp_dist.sweep.config import SweepConfig, representative
 from nvp_dist.sweep.results import TrialRow, best_row, collect_rows, format_table, write_best_yaml, write_csv
 from nvp_dist.sweep.search import param_space, tune_config
 from nvp_dist.sweep.trial import run_trial
@@ -69,7 +69,7 @@ def _tuner(sweep: SweepConfig) -> tuple[tune.Tuner, bool]:
     (exp / "sweep.yaml").write_text(_snapshot(sweep))
     run_config = tune.RunConfig(
         name=sweep.name, storage_path=sweep.storage,
-        failure_config=tune.FailureConfig(max_failures=0),
+        failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
         # A trial resumes from its newest; PBT clones one that may be many reports old by the time the
         # cloning trial restarts, so under PBT every checkpoint stays.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None if sweep.scheduler.type == "pbt" else 3),
@@ -79,9 +79,33 @@ def _tuner(sweep: SweepConfig) -> tuple[tune.Tuner, bool]:
     return tuner, False
 
 
+def trial_configs(sweep: SweepConfig) -> Iterator[Config]:
+    """The training config of every distinct data/model combination the space can give a trial: each
+    listed value of a `data.*` or `model.*` key (the other keys at a representative value). Continuous
+    ranges of model keys keep their representative (their lower bound)."""
+    specs = sweep.specs()
+    base = {k: representative(s) for k, s in specs.items()}
+    yield sweep.training_config(base)
+    for key, spec in specs.items():
+        if key.startswith(("data.", "model.")) and spec.type in ("grid", "choice"):
+            for value in spec.values[1:]:
+                yield sweep.training_config({**base, key: value})
+
+
+def check_trial_data(sweep: SweepConfig) -> None:
+    """The check `launch/train.py` makes (manifest, splits, image shape, conditioning) for every trial's
+    data, before Ray starts: a missing data set is named here, not as a WorkerGroupError in a worker."""
+    from nvp_dist.train.trainer import check_data
+
+    for cfg in trial_configs(sweep):
+        check_data(cfg)
+
+
 def run_sweep(sweep: SweepConfig) -> SweepOutcome:
-    """Run (or resume) the sweep to the end; print and write the trial table and the best config."""
+    """Run (or resume) the sweep to the end; print and write the trial table and the best config.
+    Raises ConfigError or DataError before Ray starts when the sweep or a trial's data cannot work."""
     _check_same_sweep(sweep)  # before Ray starts: a mismatch needs no cluster to report
+    check_trial_data(sweep)
     connect()
     tuner, restored = _tuner(sweep)
     results = tuner.fit()

@@ -96,6 +96,11 @@ def run_trial(sampled: Dict[str, Any], sweep: SweepConfig) -> None:
     """The Tune function trainable. `sampled` maps dotted training keys to this trial's values."""
     trial_id = tune.get_context().get_trial_id()
     root = trainer_runs_dir(sweep, trial_id)
+    diverged = root / "diverged.txt"
+    if diverged.is_file():
+        # Tune retries any failure up to max_failures; a diverged run would diverge again from its last
+        # checkpoint (resume is deterministic), so a retry only repeats the reason.
+        raise TrialDiverged(diverged.read_text())
     attempt = _claim_attempt(root)
     start = tune.get_checkpoint()  # a PBT clone, or this trial's own latest after a driver restart
     r = sweep.resources
@@ -127,4 +132,7 @@ def run_trial(sampled: Dict[str, Any], sweep: SweepConfig) -> None:
         tune_checkpoint = tune.Checkpoint(checkpoint.path, checkpoint.filesystem) if checkpoint else None
         tune.report(metrics, checkpoint=tune_checkpoint)
     if "error" in outcome:
-        raise _explain(outcome["error"])
+        err = _explain(outcome["error"])
+        if isinstance(err, TrialDiverged):
+            diverged.write_text(str(err))
+        raise err

@@ -64,6 +64,18 @@ class TrainConfig:
     inject_nan_steps: List[int] = field(default_factory=list)
     inject_nan_rank: int = -1
     inject_nan_into: str = "loss"
+    # How long a collective waits for a missing rank before it raises (the process group's timeout).
+    collective_timeout_s: int = 300
+    # A rank whose heartbeat stops this long counts as dead and every rank exits (nvp_dist/train/watchdog.py);
+    # a failing rank's exception stops the others within about a second.
+    peer_timeout_s: float = 30.0
+    # Test hook: send this process SIGTERM (or SIGINT, inject_signal) when evaluation reaches this batch
+    # (counted from 1; 0 = never), on inject_signal_rank (-1 = every rank).
+    inject_signal_at_eval_batch: int = 0
+    inject_signal: str = "SIGTERM"
+    inject_signal_rank: int = 0
+    # ...only in the evaluation after this step (0 = every evaluation).
+    inject_signal_step: int = 0
     # Raw DeepSpeed keys merged over the generated DeepSpeed config (escape hatch).
     deepspeed: Dict[str, Any] = field(default_factory=dict)
 
@@ -87,6 +99,9 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
             (len(self.adam_betas) == 2, "train.adam_betas must hold two values"),
             (self.inject_nan_into in ("loss", "grad"), "train.inject_nan_into must be loss or grad"),
+            (self.collective_timeout_s > 0 and self.peer_timeout_s > 0,
+             "train.collective_timeout_s and train.peer_timeout_s must be positive"),
+            (self.inject_signal in ("SIGTERM", "SIGINT"), "train.inject_signal must be SIGTERM or SIGINT"),
         ]
         for ok, msg in checks:
             if not ok:

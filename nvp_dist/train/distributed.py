@@ -63,6 +63,14 @@ def init_distributed(timeout_s: int = 600) -> DistEnv:
     return env
 
 
+def job_store(timeout_s: float) -> dist.TCPStore:
+    """A new client connection to the store the process group rendezvoused on (MASTER_ADDR:MASTER_PORT,
+    served by rank 0 or torchrun's agent): its own socket, so a watchdog thread can use it beside the
+    main thread's collectives."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
 def _free_port() -> int:
     import socket
 

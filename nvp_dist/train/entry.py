@@ -1,17 +1,23 @@
 """What `launch/train.py` runs: arguments -> config -> Trainer, with exit codes a scheduler can act on.
 
-Exit codes: 0 done; 2 configuration or data error (found before any training: not worth a retry);
-3 training diverged (too many consecutive non-finite steps); 143 stopped by SIGTERM after a checkpoint.
+Exit codes (nvp_dist/train/failures.py, the README's table): 0 done; 1 anything else; 2 configuration or
+data error (not worth a retry); 3 training diverged; 143 stopped by SIGTERM or SIGINT after a checkpoint.
+A failing rank tells the others through the watchdog (nvp_dist/train/watchdog.py): every rank then exits
+within seconds with the culprit's code, and logs its rank and message.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import logging
+import multiprocessing
+import os
 import sys
 from typing import List, Optional
 
-EXIT_CONFIG, EXIT_DIVERGED = 2, 3
+from nvp_dist.train.failures import EXIT_CONFIG, EXIT_DIVERGED, EXIT_FAILED, EXIT_STOPPED  # noqa: F401
+
+log = logging.getLogger("nvp_dist.train")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -29,10 +35,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     from nvp_dist.config import ConfigError, load_config
     from nvp_dist.data import DataError
+    from nvp_dist.train import watchdog
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from nvp_dist.train.trainer import Trainer, TrainingDiverged
+        from nvp_dist.train.trainer import Trainer
 
         trainer = Trainer(cfg, resume=args.resume)
         # torch, DeepSpeed and the model are a heap of objects that live until exit. Frozen, the collector
@@ -41,7 +48,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         gc.freeze()
     except (ConfigError, DataError, ValueError) as err:
         print(f"nvp-dist train: {err}", file=sys.stderr)
+        watchdog.report_failure(EXIT_CONFIG, str(err))  # when only this rank found it (a port, a file)
         return EXIT_CONFIG
+    except Exception as err:
+        fail(err)
     from nvp_dist.train.distributed import shutdown
 
     try:
@@ -49,10 +59,32 @@ def main(argv: Optional[List[str]] = None) -> int:
         if trainer.env.is_main:
             print(f"final {cfg.data.eval_split} bits/dim: {result.get('bits_per_dim', float('nan')):.4f} "
                   f"| samples: {result.get('samples')} | model: {trainer.out / 'model_fp32.pt'}", flush=True)
+        watchdog.finished()
         return 0
-    except TrainingDiverged as err:
-        logging.getLogger("nvp_dist.train").error("%s", err)
-        return EXIT_DIVERGED
+    except SystemExit as stop:  # the trainer's stop after a checkpoint, decided on every rank alike
+        watchdog.finished()
+        return stop.code
+    except BaseException as err:
+        fail(err, getattr(trainer, "saving", None))
     finally:
         trainer.close()
         shutdown(trainer.env)
+
+
+def fail(err: BaseException, saving=None) -> None:
+    """Log this rank's failure, tell the other ranks, and exit with its code at once: the process group's
+    teardown could wait on peers that are gone or blocked in a collective."""
+    from nvp_dist.train import failures, watchdog
+    from nvp_dist.train.distributed import read_env
+
+    code, rank = failures.exit_code(err), read_env().rank
+    message = failures.describe(err, saving)
+    log.error("rank %d failed (exit code %d): %s", rank, code, message,
+              exc_info=err if code == EXIT_FAILED else None)
+    watchdog.report_failure(code, message)
+    # DataLoader workers would serve on for their SIGTERM grace period, holding the launcher's wait.
+    for child in multiprocessing.active_children():
+        child.kill()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)

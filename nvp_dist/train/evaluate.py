@@ -6,9 +6,13 @@ different numbers of real images cannot hang it.
 """
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import time
 import zlib
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -16,6 +20,8 @@ from nvp_dist.config import Config
 from nvp_dist.data import eval_batches
 from nvp_dist.flows import RealNVP, bits_per_dim
 from nvp_dist.train.distributed import DistEnv, reduce_tensor
+
+log = logging.getLogger("nvp_dist.train")
 
 
 def noise_generator(device: torch.device, *key: int) -> torch.Generator:
@@ -37,14 +43,25 @@ def sample_noise(keys, shape, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: RealNVP, cfg: Config, env: DistEnv, split: Optional[str] = None, max_batches: int = 0) -> dict:
-    """Mean bits/dim over `split` (all ranks together) and the number of images it covers."""
+def evaluate(model: RealNVP, cfg: Config, env: DistEnv, split: Optional[str] = None, max_batches: int = 0,
+             stop: Callable[[], bool] = lambda: False, step: int = 0) -> dict:
+    """Mean bits/dim over `split` (all ranks together) and the number of images it covers; with
+    `interrupted` true (and no mean) when `stop()` turned true on some rank between its batches."""
     split = split or cfg.data.eval_split
     micro = max(1, cfg.train.batch_size // (env.world_size * cfg.train.grad_accum))
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=env.device)
+    t = cfg.train
+    total = torch.zeros(3, dtype=torch.float64, device=env.device)  # bits sum, images, ranks interrupted
     for i, batch in enumerate(eval_batches(cfg.data, split, batch_size=micro, rank=env.rank, world_size=env.world_size)):
         if max_batches and i >= max_batches:
+            break
+        if (t.inject_signal_at_eval_batch == i + 1 and t.inject_signal_rank in (-1, env.rank)
+                and t.inject_signal_step in (0, step)):
+            _inject_signal(t.inject_signal, i + 1, stop)
+        # The forward passes need no collective, so a rank abandons its share alone; the sum below tells
+        # the others, who then abandon theirs too when their own stop flag is set (a preemption signals all).
+        if stop():
+            total[2] = 1
             break
         x = batch.images.to(env.device)
         cond = batch.cond.to(env.device) if batch.cond is not None else None
@@ -54,8 +71,20 @@ def evaluate(model: RealNVP, cfg: Config, env: DistEnv, split: Optional[str] = N
         total[0] += bpd[valid].sum()
         total[1] += valid.sum()
     reduce_tensor(total)
+    if total[2] > 0:
+        return {"interrupted": True}
     count = int(total[1].item())
     return {"bits_per_dim": (total[0] / max(count, 1)).item(), "images": count}
+
+
+def _inject_signal(name: str, batch: int, stop: Callable[[], bool]) -> None:
+    """Test hook: a real signal to this process at a known point. It waits (10 s at most) until the handler
+    has run: CPython runs handlers in the main thread, which in a Ray worker is not this one."""
+    log.warning("test hook: %s at evaluation batch %d", name, batch)
+    os.kill(os.getpid(), getattr(signal, name))
+    deadline = time.monotonic() + 10
+    while not stop() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def write_sample_grid(model: RealNVP, path: Path, n: int, seed: int, cond: Optional[torch.Tensor] = None) -> Path:

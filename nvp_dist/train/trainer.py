@@ -24,12 +24,13 @@ from nvp_dist.flows import RealNVP, dequantize, set_stats_reducer, to_logit
 from nvp_dist.flows.preprocess import bits_from_latents
 from nvp_dist.metrics import TrainingMetrics
 from nvp_dist.train import checkpoint as ckpt
-from nvp_dist.train import records, safe_load
+from nvp_dist.train import records, safe_load, watchdog
 from nvp_dist.train.distributed import (DistEnv, all_reduce_sum, average_buffers, barrier, broadcast_object,
                                         init_distributed, reduce_tensor)
 from nvp_dist.train.ema import EMA, full_state_dict
 from nvp_dist.train.engine import build_engine
 from nvp_dist.train.evaluate import evaluate, noise_generator, write_sample_grid
+from nvp_dist.train.failures import EXIT_STOPPED
 from nvp_dist.train.memory import apply_memory_policy
 
 log = logging.getLogger("nvp_dist.train")
@@ -69,8 +70,9 @@ class Trainer:
         self.cfg, t = cfg, cfg.train
         self.on_eval = on_eval
         check_data(cfg)
-        self.env: DistEnv = init_distributed()
+        self.env: DistEnv = init_distributed(t.collective_timeout_s)
         env = self.env
+        watchdog.start(env.rank, env.world_size, t.peer_timeout_s)
         _setup_logging(env)
         self.out = Path(t.out_dir)
         self.ckpt_root = self.out / "checkpoints"
@@ -96,6 +98,7 @@ class Trainer:
             for p in self.engine.module.parameters():
                 p.register_hook(self._watch_grad)
         self._stop_signal: Optional[int] = None
+        self.saving: Optional[Path] = None
         self._resume(resume)
         self.metrics = TrainingMetrics(
             cfg.metrics, env.rank, env.local_rank,
@@ -115,6 +118,7 @@ class Trainer:
         t, env = self.cfg.train, self.env
         if threading.current_thread() is threading.main_thread():  # Ray Train runs us in a worker thread
             signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
         stream = train_batches(self.cfg.data, batch_size=self.micro, rank=env.rank, world_size=env.world_size,
                                seed=t.seed, start_batch=self.step * t.grad_accum)
         consecutive, result = 0, {}
@@ -153,7 +157,7 @@ class Trainer:
                 # Only some ranks may have been signalled themselves; the others learnt it from the reduction.
                 log.warning("stopped by a termination signal at step %d after saving %s", self.step,
                             self.last_checkpoint)
-                raise SystemExit(128 + (self._stop_signal or 15))
+                raise SystemExit(EXIT_STOPPED)
         if not result:  # resumed a run that had already finished: report it anyway (already recorded)
             result = self.evaluate_and_sample(record=False)
         self._finish()
@@ -221,7 +225,11 @@ class Trainer:
     def evaluate_and_sample(self, record: bool = True) -> dict:
         t = self.cfg.train
         model = self.inference_model()
-        result = evaluate(model, self.cfg, self.env, max_batches=t.eval_batches)
+        result = evaluate(model, self.cfg, self.env, max_batches=t.eval_batches,
+                          stop=lambda: self._stop_signal is not None, step=self.step)
+        if result.get("interrupted"):
+            log.warning("evaluation at step %d abandoned: stopping on a termination signal", self.step)
+            return {}
         result["step"] = self.step
         self.metrics.eval(result["bits_per_dim"], self.step)
         self.best_eval = min(self.best_eval, result["bits_per_dim"])
@@ -247,6 +255,7 @@ class Trainer:
             return
         started = time.perf_counter()
         tmp = ckpt.tag_for(self.step) + ".tmp"
+        self.saving = self.ckpt_root / tmp  # named by the failure report if a write fails
         if self.env.is_main and (self.ckpt_root / tmp).exists():
             import shutil
             shutil.rmtree(self.ckpt_root / tmp)  # left by a crash mid-save
@@ -266,6 +275,7 @@ class Trainer:
         barrier()
         self.last_checkpoint = str(self.ckpt_root / ckpt.tag_for(self.step))
         self.metrics.checkpoint(time.perf_counter() - started, self.step)
+        self.saving = None
 
     def _resume(self, resume: str) -> None:
         if self.env.is_main:
@@ -306,6 +316,15 @@ class Trainer:
         self.metrics.close()
 
     def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_signal is not None
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop after the current step (abandoning an evaluation), checkpoint, and raise SystemExit(143):
+        what SIGTERM does, for callers whose signals reach another thread (Ray Train workers)."""
         self._stop_signal = signum
 
     def _stop_requested(self) -> bool:
