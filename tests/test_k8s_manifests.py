@@ -288,8 +288,8 @@ def test_the_jobset_runs_the_gpu_pods():
 def readme_exit_codes() -> dict[int, bool]:
     """The README's `### Exit codes` table: {code: retried by Kubernetes}."""
     text = (REPO / "README.md").read_text()
-    section = text.split("### Exit codes", 1)[1]
-    lines = [line for line in section.split("\n\n", 2)[1].splitlines() if line.startswith("|")]
+    section = text.split("### Exit codes", 1)[1].split("\n#", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
     assert [c.strip() for c in lines[0].strip("|").split("|")] == ["Code", "Meaning", "Retried by Kubernetes"]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     assert all(r[2] in ("yes", "no") for r in rows), rows
