@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from nvp_dist.config import load_config, to_yaml
-from nvp_dist.data import open_source
+from nvp_dist.data import DataError, open_source
+from nvp_dist.data.manifest import verify_shards
 from nvp_dist.train import checkpoint as ckpt
 from tests.launch_helpers import DEBUG, ROOT, debug_args, explain, run_deepspeed, run_python, train_env
 
@@ -89,6 +90,9 @@ def test_shell_data_paths_need_the_opt_in(tmp_path):
             load_config(DEBUG, [f"data.path={path}"])
     assert load_config(DEBUG, ["data.path=pipe:cat x", "data.allow_shell_paths=true"]).data.allow_shell_paths
     load_config(DEBUG, ["data.path=https://example.org/digits"])  # read by nvp-dist itself, no command
+    with pytest.raises(DataError, match="local data set"):
+        verify_shards(f"pipe:touch {marker}")
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("payload", [CreatesAFile, RunsACommand])

@@ -177,6 +177,8 @@ def write_manifest(manifest: Manifest, out_dir: Path) -> Path:
 
 def verify_shards(path: str | Path) -> list[str]:
     """Re-hash every shard of a local data set against its manifest; return one line per problem."""
+    if not is_local(str(path)):  # and never a pipe: command line, which read_manifest would run
+        raise DataError(f"{path}: --verify checks a local data set directory")
     manifest = read_manifest(path)
     problems = []
     for split_name, split in manifest.splits.items():
