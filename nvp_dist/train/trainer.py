@@ -31,6 +31,7 @@ from nvp_dist.train.engine import build_engine
 from nvp_dist.train.evaluate import evaluate, noise_generator, write_sample_grid
 from nvp_dist.train.masters import fp32_masters
 from nvp_dist.train.memory import apply_memory_policy
+from nvp_dist.train.speed import apply_speed_options
 
 log = logging.getLogger("nvp_dist.train")
 
@@ -80,6 +81,7 @@ class Trainer:
         if env.world_size > 1 and t.sync_bn:
             set_stats_reducer(model, all_reduce_sum)
         apply_memory_policy(model, t.memory, t.activation_checkpointing)
+        apply_speed_options(model, compile=t.compile, channels_last=t.channels_last)
         self.engine, self.optimizer, self.scheduler = build_engine(model.to(env.device), cfg, env.world_size)
         self.micro = t.batch_size // (env.world_size * t.grad_accum)
         self.ema = EMA(self.engine.module, t.ema_decay, t.zero_stage, self._masters()) if t.ema_decay > 0 else None
