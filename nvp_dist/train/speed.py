@@ -6,11 +6,11 @@ networks: they hold almost all the FLOPs, and the couplings' exp/log-det and mas
 written. Compilation is lazy (first forward) and each new batch shape (evaluation's last batch) compiles
 once more. Evaluation's inference copy stays eager.
 
-`train.channels_last` stores the s/t networks' convolution weights in NHWC and hands each network its
-input in NHWC, the layout cuDNN's and oneDNN's convolution kernels prefer (this CPU: fp32 3x3 convolutions
-92 against 77 GFLOP/s per thread, STACK_NOTES). ZeRO 1-2 flatten the parameters into contiguous buffers,
-but the weight-normalised weight is computed afresh each forward and the convolution follows its input's
-layout, so the input hook carries the effect at every stage.
+`train.channels_last` hands each s/t network its input in NHWC, the layout cuDNN's and oneDNN's convolution
+kernels prefer (this CPU: fp32 3x3 convolutions 92 against 77 GFLOP/s per thread, STACK_NOTES); a
+convolution with an NHWC input runs and returns NHWC, so the layout carries through the network. The
+parameters stay contiguous: DeepSpeed's start-up broadcast views each as bytes (which needs a unit last
+stride) and ZeRO flattens them anyway, and the weight-normalised weight is computed afresh each forward.
 
 Adam is torch's fused kernel on CPU and CUDA alike (nvp_dist/train/engine.py): on CUDA one launch per
 parameter group instead of a loop over hundreds of small tensors.
@@ -27,15 +27,14 @@ def _to_channels_last(module: torch.nn.Module, args):
     return (x.contiguous(memory_format=torch.channels_last), *rest)
 
 
-def apply_speed_options(model: torch.nn.Module, compile: bool = False, channels_last: bool = False) -> int:
-    """Apply `train.compile` / `train.channels_last` to every s/t network in place; returns how many."""
+def apply_speed_options(model: torch.nn.Module, compile: bool = False, channels_last: bool = False,
+                        backend: str = "inductor") -> int:
+    """Apply `train.compile` / `train.channels_last` to every s/t network in place; returns how many.
+    `backend` is torch.compile's (benchmarks/device_check.py's dry run traces with "eager")."""
     nets = [m for m in model.modules() if isinstance(m, STNetwork)]
     for net in nets:
         if channels_last:
-            for p in net.parameters():
-                if p.dim() == 4:
-                    p.data = p.data.contiguous(memory_format=torch.channels_last)
             net.register_forward_pre_hook(_to_channels_last)
         if compile:
-            net.compile()
+            net.compile(backend=backend)
     return len(nets)
