@@ -32,6 +32,15 @@ def apply_speed_options(model: torch.nn.Module, compile: bool = False, channels_
     """Apply `train.compile` / `train.channels_last` to every s/t network in place; returns how many.
     `backend` is torch.compile's (benchmarks/device_check.py's dry run traces with "eager")."""
     nets = [m for m in model.modules() if isinstance(m, STNetwork)]
+    if compile:
+        import torch._dynamo
+
+        # Dynamo counts recompilations per code object, and every STNetwork shares one forward: each
+        # instance, shape, and grad mode (the invertible mode's no-grad passes) is one more. Past the default
+        # limit of 8 the rest silently ran eager (seen on the debug model's 10 networks).
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, 8 * len(nets))
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 16 * len(nets))
     for net in nets:
         if channels_last:
             net.register_forward_pre_hook(_to_channels_last)
