@@ -78,13 +78,39 @@ def test_dockerfile_installs_dependencies_before_the_code_all_from_the_lock_file
     assert not any(s.startswith("USER root") for s in steps)
 
 
-def test_setup_env_installs_from_the_lock_file_and_never_a_cuda_torch_without_a_gpu():
+def test_setup_env_installs_from_the_lock_file():
     script = (ROOT / "launch" / "setup_env.sh").read_text()
     installs = [line for line in re.sub(r"\\\n\s*", " ", script).splitlines() if "pip install" in line]
-    assert installs and all("-c constraints.txt" in line for line in installs), installs
-    assert "cat pyproject.toml launch/setup_env.sh constraints.txt | sha256sum" in script  # the stamp
-    cpu = script[script.index("if ! command -v nvidia-smi"):script.index("else")]
+    assert len(installs) == 4 and all("-c constraints.txt" in line for line in installs), installs
+    # the stamp: a change to any of these reinstalls
+    assert "cat pyproject.toml launch/setup_env.sh launch/torch_build.sh constraints.txt | sha256sum" in script
+    cpu = script[script.index("if [[ $build == cpu ]]"):script.index("else")]
     assert '"torch==${torch_version}+cpu"' in cpu  # a local label PyPI's CUDA build cannot satisfy
+
+
+def _torch_build(tmp_path, cuda_version=None, **env):
+    """launch/torch_build.sh with a stand-in nvidia-smi printing its header for `cuda_version` (None: no
+    nvidia-smi on PATH, as on a CPU machine)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    smi = bin_dir / "nvidia-smi"
+    smi.unlink(missing_ok=True)
+    if cuda_version is not None:
+        smi.write_text("#!/bin/sh\necho '| NVIDIA-SMI 570.86.15   Driver Version: 570.86.15   "
+                       f"CUDA Version: {cuda_version}     |'\n")
+        smi.chmod(0o755)
+    return subprocess.run(["bash", str(ROOT / "launch" / "torch_build.sh")], capture_output=True, text=True,
+                          env={"PATH": f"{bin_dir}:/usr/bin:/bin", **env}, timeout=60)
+
+
+def test_torch_build_is_cpu_without_a_gpu_and_follows_the_driver_with_one(tmp_path):
+    assert _torch_build(tmp_path).stdout.strip() == "cpu"
+    assert _torch_build(tmp_path, TORCH_CUDA="cu128").stdout.strip() == "cpu"  # never CUDA without a GPU
+    for driver, build in (("12.6", "cu126"), ("12.8", "cu128"), ("12.9", "cu128"), ("13.0", "cu130"), ("13.2", "cu130")):
+        assert _torch_build(tmp_path, driver).stdout.strip() == build, driver
+    assert _torch_build(tmp_path, "13.0", TORCH_CUDA="cu126").stdout.strip() == "cu126"
+    old = _torch_build(tmp_path, "12.4")
+    assert old.returncode == 1 and not old.stdout and "driver >= 560.28" in old.stderr
 
 
 def test_hadolint_holds_the_dockerfile_to_pinned_versions():
