@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -30,7 +31,11 @@ def train_records(config: str, ranks: int, threads: int, steps: int, log_every: 
     and checkpoints pushed past the end, in a throw-away out_dir; `env` adds to the environment."""
     with tempfile.TemporaryDirectory() as out:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "launch/train.py",
+        with socket.socket() as sock:  # a free port: other launches may hold DeepSpeed's default 29500
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
+               "launch/train.py",
                "--config", config, f"train.out_dir={out}", f"train.steps={steps}", f"train.log_every={log_every}",
                f"train.eval_every={steps + 1}", f"train.checkpoint_every={steps + 1}", *overrides]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

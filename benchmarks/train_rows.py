@@ -110,6 +110,8 @@ def build_nvp(job, device):
     model.to(device)
     groups = param_groups(model, t.l2)
     adam = dict(lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)
+    if job.get("fused"):  # the trainer's fused Adam (device_check.py on CUDA)
+        adam["fused"] = True
     if job["dtype"] == "bf16":
         model.to(torch.bfloat16)
         keep_flow_state_float32(model)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the shipped digits data, end to end on CPU: set up .venv, write the WebDataset shards,
-# train the paper's model with the real deepspeed launcher on 2 ranks, evaluate bits/dim on the held-out
+# train the paper's model with the real deepspeed launcher (a rank per GPU, else 2), evaluate bits/dim on the held-out
 # digits, write sample grids and an fp32 model.  bash launch/demo.sh [key=value overrides...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +12,11 @@ fi
 if [[ -d $OUT/checkpoints ]]; then
   echo "demo: $OUT already holds a run; continuing it (rm -r $OUT to start over)"
 fi
-ranks=2
+# One rank per visible GPU (CUDA_VISIBLE_DEVICES respected), else 2 CPU ranks; the line says which.
+read -r ranks accelerator launch_args <<< "$(python -m nvp_dist.train.distributed)"
+export DS_ACCELERATOR=$accelerator
 # One thread per rank: the launcher sets none, and oversubscribed cores run ten times slower.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / ranks > 0 ? $(nproc) / ranks : 1 ))}
-deepspeed --num_gpus "$ranks" launch/train.py --config configs/default.yaml "train.out_dir=$OUT" --resume auto "$@"
+# shellcheck disable=SC2086  # launch_args: the launcher options, split on purpose
+deepspeed $launch_args launch/train.py --config configs/default.yaml "train.out_dir=$OUT" --resume auto "$@"
 echo "demo: run directory $OUT (samples/, checkpoints/, metrics.jsonl, model_fp32.pt)"

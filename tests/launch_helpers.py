@@ -22,10 +22,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_env() -> dict:
+def train_env(accelerator: str = "cpu") -> dict:
     env = dict(os.environ)
     # One thread per rank: two ranks on two cores (the launcher sets no OMP_NUM_THREADS).
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR=accelerator, PYTHONUNBUFFERED="1")
     return env
 
 
@@ -43,14 +43,15 @@ _PEAK_OF_CHILDREN = ("import resource, subprocess, sys\n"
                      "sys.exit(code)")
 
 
-def run_deepspeed(args: Sequence[str], ranks: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_deepspeed(args: Sequence[str], ranks: int = 2, timeout: int = 300,
+                  accelerator: str = "cpu") -> subprocess.CompletedProcess:
     """The launcher run to its end, with `peak_rss_mib` added: the largest peak resident memory of the
     launcher and every process under it, as the kernel counts it. A run past `timeout` has its whole
     process group killed and raises subprocess.TimeoutExpired."""
     with tempfile.TemporaryDirectory() as tmp:
         peak = Path(tmp) / "peak_kib"
         cmd = [sys.executable, "-c", _PEAK_OF_CHILDREN, str(peak), *deepspeed_cmd(args, ranks)]
-        with subprocess.Popen(cmd, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        with subprocess.Popen(cmd, env=train_env(accelerator), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               cwd=ROOT, start_new_session=True) as proc:
             try:
                 out, err = proc.communicate(timeout=timeout)

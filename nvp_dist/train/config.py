@@ -50,6 +50,12 @@ class TrainConfig:
     # measured 1.8 ms each on gloo here, which doubles a small model's step. With false each rank
     # normalises by its own share and the running averages are averaged over ranks after every step.
     sync_bn: bool = True
+    # torch.compile of each coupling's s/t network (nvp_dist/train/speed.py): compiled at the first step
+    # (debug model, 2 CPU ranks: see benchmarks/RESULTS.md, "Speed options"). Not with ZeRO-3, whose
+    # parameter hooks run inside the networks, nor with res_block checkpointing inside them.
+    compile: bool = False
+    # NHWC convolution weights and inputs in the s/t networks (the layout GPU and oneDNN kernels prefer).
+    channels_last: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     eval_every: int = 500
@@ -89,6 +95,11 @@ class TrainConfig:
              f"train.memory={self.memory} and train.activation_checkpointing={self.activation_checkpointing} "
              "both choose how activations are kept: set one of them"),
             (self.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0-3, got {self.zero_stage}"),
+            (not self.compile or self.zero_stage < 3,
+             "train.compile needs train.zero_stage 0-2: ZeRO-3 gathers parameters in hooks inside the compiled networks"),
+            (not self.compile or self.activation_checkpointing != "res_block",
+             "train.compile and train.activation_checkpointing=res_block: the checkpoint wrappers sit inside "
+             "the compiled s/t networks; checkpoint whole couplings or scales instead"),
             (self.batch_size > 0 and self.grad_accum > 0, "train.batch_size and train.grad_accum must be positive"),
             (self.batch_size % self.grad_accum == 0,
              f"train.batch_size={self.batch_size} does not divide by train.grad_accum={self.grad_accum}"),

@@ -3,13 +3,19 @@
 Rank, world size, local rank and device come from the variables the `deepspeed` launcher, `torchrun`,
 Kubernetes and Ray Train set (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT). The
 backend is nccl on CUDA and gloo on CPU. Everything else in the package asks this module.
+
+`python -m nvp_dist.train.distributed` prints the ranks a one-machine launch should start and the
+`deepspeed` arguments for them (launch/demo.sh): one rank per visible GPU, else 2 CPU ranks.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -40,6 +46,56 @@ def read_env() -> DistEnv:
     else:
         device, backend = torch.device("cpu"), "gloo"
     return DistEnv(rank, world, local, local_world, device, backend)
+
+
+CPU_RANKS = 2  # two gloo ranks: data parallelism exercised, and the 2-core machines this runs on
+
+
+def visible_gpus(physical: int, cuda_visible_devices: Optional[str]) -> List[int]:
+    """The GPU indices CUDA exposes given CUDA_VISIBLE_DEVICES, as the driver reads it: unset means all;
+    the list is read up to its first invalid entry (out of range, negative, repeated or not a number),
+    so "" and "-1" hide every GPU. UUID entries (GPU-..., MIG-...) are refused: the deepspeed launcher's
+    --include takes indices."""
+    if cuda_visible_devices is None:
+        return list(range(physical))
+    shown: List[int] = []
+    for entry in cuda_visible_devices.split(","):
+        entry = entry.strip()
+        if entry.startswith(("GPU-", "MIG-")):
+            raise ValueError(f"CUDA_VISIBLE_DEVICES={cuda_visible_devices!r}: give GPU indices, not UUIDs "
+                             "(the deepspeed launcher's --include takes indices)")
+        if not entry.isdigit() or int(entry) >= physical or int(entry) in shown:
+            break
+        shown.append(int(entry))
+    return shown
+
+
+def launch_ranks(physical: int, environ: Mapping[str, str]) -> Tuple[int, str, List[str], str]:
+    """(ranks, accelerator, deepspeed launcher arguments, a line saying why) for one machine with
+    `physical` GPUs. The launcher ignores CUDA_VISIBLE_DEVICES when given --num_gpus and numbers GPUs
+    from 0, so a restricted set is passed as --include."""
+    cvd = environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible_gpus(physical, cvd)
+    if not gpus:
+        why = "no NVIDIA GPU found" if physical == 0 else f"CUDA_VISIBLE_DEVICES={cvd!r} hides all {physical} GPUs"
+        return CPU_RANKS, "cpu", ["--num_gpus", str(CPU_RANKS)], f"{why}: {CPU_RANKS} CPU ranks on gloo"
+    if cvd is None:
+        args = ["--num_gpus", str(len(gpus))]
+    else:
+        args = ["--include", "localhost:" + ",".join(map(str, gpus))]
+    return len(gpus), "cuda", args, f"{len(gpus)} rank(s) on GPU(s) {gpus} of {physical}, nccl"
+
+
+def physical_gpus() -> int:
+    """GPUs as `nvidia-smi -L` lists them (0 without it: the test launch/setup_env.sh makes). No CUDA
+    context is created in the launching process."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
+    if listing.returncode != 0:
+        return 0
+    return sum(line.startswith("GPU ") for line in listing.stdout.splitlines())
 
 
 def init_distributed(timeout_s: int = 600) -> DistEnv:
@@ -153,3 +209,10 @@ def barrier() -> None:
 def shutdown(env: Optional[DistEnv]) -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    # One line for launch/demo.sh: "RANKS ACCELERATOR LAUNCHER-ARGS..."; the reason on stderr.
+    n, accelerator, launcher_args, reason = launch_ranks(physical_gpus(), os.environ)
+    print(f"ranks: {reason}", file=sys.stderr)
+    print(n, accelerator, *launcher_args)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -19,6 +19,8 @@ from nvp_dist.data.manifest import runs_a_command
 from nvp_dist.flows import RealNVP
 from nvp_dist.train import safe_load
 from nvp_dist.train.checkpoint import FORMAT_VERSION, checkpoint_tags, log, newest_valid, read_nvp_state, verify
+from nvp_dist.train.engine import param_groups
+from nvp_dist.train.masters import saved_masters
 
 
 def resolve_tag_dir(path: Path) -> Path:
@@ -47,18 +49,32 @@ def resolve_tag_dir(path: Path) -> Path:
     raise FileNotFoundError(f"{path} is neither a checkpoint, a checkpoints directory nor a run directory")
 
 
-def consolidated_state_dict(tag_dir: Path, zero_stage: int) -> Dict[str, torch.Tensor]:
-    """The engine's weights and buffers, whole and float32, read from the per-rank files on CPU."""
+def consolidated_state_dict(tag_dir: Path, cfg: Config) -> Dict[str, torch.Tensor]:
+    """The engine's weights (float32 masters under bf16) and buffers, whole and float32, read from the
+    per-rank files on CPU."""
     # DeepSpeed's reader below uses the full unpickler: only files that pass the restricted one reach it.
     safe_load.check_deepspeed_files(tag_dir)
-    if zero_stage == 0:
-        sd = safe_load.load(tag_dir / "mp_rank_00_model_states.pt", allow=safe_load.deepspeed_globals())["module"]
-        return {k: v.float() for k, v in sd.items()}
+    if cfg.train.zero_stage == 0:
+        states = safe_load.load(tag_dir / "mp_rank_00_model_states.pt", allow=safe_load.deepspeed_globals())
+        sd = {k: v.float() for k, v in states["module"].items()}
+        # bf16: the module entry is the masters' bf16 rounding; ZeRO 1-3 checkpoints give masters below.
+        sd.update(saved_masters(states, optimizer_group_names(cfg)) or {})
+        return sd
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per file it reads
         sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     return {k: v.float() for k, v in sd.items()}
+
+
+def optimizer_group_names(cfg: Config) -> List[List[str]]:
+    """The parameter names of the engine's optimiser groups, in its order (DeepSpeed drops empty groups);
+    built on the meta device: no memory, no initialisation."""
+    with torch.device("meta"):
+        model = RealNVP(cfg.model)
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in param_groups(model, cfg.train.l2)]
+    return [g for g in groups if g]
 
 
 def export_fp32(tag_dir: Path, out: Path) -> Path:
@@ -69,7 +85,7 @@ def export_fp32(tag_dir: Path, out: Path) -> Path:
     cfg = config_from_yaml(state["config"])
     payload = {
         "format_version": FORMAT_VERSION, "config": state["config"], "step": state["step"],
-        "model": consolidated_state_dict(tag_dir, cfg.train.zero_stage), "ema": state.get("ema"),
+        "model": consolidated_state_dict(tag_dir, cfg), "ema": state.get("ema"),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -90,7 +106,7 @@ def load_inference_model(path: str | Path, use_ema: bool = True, device: str | t
         tag_dir = resolve_tag_dir(path)
         state = read_nvp_state(tag_dir)
         cfg_text, step, ema = state["config"], state["step"], state.get("ema")
-        weights = consolidated_state_dict(tag_dir, config_from_yaml(cfg_text).train.zero_stage)
+        weights = consolidated_state_dict(tag_dir, config_from_yaml(cfg_text))
     cfg = config_from_yaml(cfg_text)
     if config is None and runs_a_command(cfg.data.path):
         raise ValueError(f"{path} was trained on data.path={cfg.data.path}, which runs a shell command; a model "

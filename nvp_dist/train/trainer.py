@@ -31,7 +31,9 @@ from nvp_dist.train.ema import EMA, full_state_dict
 from nvp_dist.train.engine import build_engine
 from nvp_dist.train.evaluate import evaluate, noise_generator, write_sample_grid
 from nvp_dist.train.failures import EXIT_STOPPED
+from nvp_dist.train.masters import fp32_masters
 from nvp_dist.train.memory import apply_memory_policy
+from nvp_dist.train.speed import apply_speed_options
 
 log = logging.getLogger("nvp_dist.train")
 
@@ -82,9 +84,10 @@ class Trainer:
         if env.world_size > 1 and t.sync_bn:
             set_stats_reducer(model, all_reduce_sum)
         apply_memory_policy(model, t.memory, t.activation_checkpointing)
+        apply_speed_options(model, compile=t.compile, channels_last=t.channels_last)
         self.engine, self.optimizer, self.scheduler = build_engine(model.to(env.device), cfg, env.world_size)
         self.micro = t.batch_size // (env.world_size * t.grad_accum)
-        self.ema = EMA(self.engine.module, t.ema_decay, t.zero_stage) if t.ema_decay > 0 else None
+        self.ema = EMA(self.engine.module, t.ema_decay, t.zero_stage, self._masters()) if t.ema_decay > 0 else None
         self.step, self.skipped, self.last_checkpoint, self.best_eval = 0, 0, None, math.inf
         self._grad_finite = torch.ones((), device=env.device)
         # Without ZeRO in fp32, the reduced gradients sit whole in p.grad after backward and one fused norm
@@ -138,7 +141,7 @@ class Trainer:
             else:
                 consecutive = 0
                 if self.ema is not None:
-                    self.ema.update(self.engine.module, self.step)
+                    self.ema.update(self.engine.module, self.step, self._masters())
             self.step += 1
             step_time = time.perf_counter() - started
             if not skip:
@@ -217,10 +220,17 @@ class Trainer:
     # --- evaluation, checkpoints ------------------------------------------------------------------------
     def inference_model(self) -> RealNVP:
         """A plain float32 copy with whole weights (Polyak averages when kept), on this rank's device."""
-        weights = self.ema.state_dict() if self.ema is not None else full_state_dict(self.engine.module, self.cfg.train.zero_stage)
+        weights = self.ema.state_dict() if self.ema is not None else self._full_state_dict()
         model = RealNVP(self.cfg.model)
         model.load_state_dict(weights)
         return model.to(self.env.device).eval()
+
+    def _masters(self):
+        """The optimiser's float32 masters by name under bf16 (None in fp32). Collective under ZeRO 1-3."""
+        return fp32_masters(self.engine.module, self.engine.optimizer)
+
+    def _full_state_dict(self):
+        return full_state_dict(self.engine.module, self.cfg.train.zero_stage, self._masters())
 
     def evaluate_and_sample(self, record: bool = True) -> dict:
         t = self.cfg.train
@@ -362,7 +372,7 @@ class Trainer:
             f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")  # wall clock: rates over spans
 
     def _finish(self) -> None:
-        weights = full_state_dict(self.engine.module, self.cfg.train.zero_stage)
+        weights = self._full_state_dict()
         digest = hashlib.sha256()
         for k in sorted(weights):
             digest.update(k.encode())
