@@ -80,7 +80,7 @@ def draw(args: argparse.Namespace) -> List[Path]:
     if args.kind == "page":
         from nvp_dist.figures.page import PageOptions, write_page
 
-        options = PageOptions(temperature=args.temperatures[0], fractions=tuple(args.fractions or PAPER_FRACTIONS),
+        options = PageOptions(n=args.n, temperature=args.temperatures[0], fractions=tuple(args.fractions or PAPER_FRACTIONS),
                               indices=args.indices, m=args.m, frames=args.frames, seed=args.seed,
                               use_ema=not args.no_ema, device=args.device, toy2d=args.toy2d, toy2d_steps=args.steps)
         return [write_page(args.checkpoint, out, options, config=cfg)]
