@@ -5,6 +5,8 @@ import torch
 from PIL import Image
 from scipy.stats import multivariate_normal
 from sklearn.datasets import make_moons
+from sklearn.model_selection import GridSearchCV
+from sklearn.neighbors import KernelDensity
 
 from nvp_dist.figures import (attributes, compression, extrapolate, image_grid, manifold, manifold_animation,
                               samples, toy2d)
@@ -207,16 +209,22 @@ def test_attributes_class_swap_columns(tmp_path):
         attributes(model, imgs, cond, names, ["7"], out_dir=tmp_path, tag="t", classes=True)
 
 
-def test_toy2d_beats_a_fitted_gaussian(tmp_path):
-    result = toy2d(tmp_path, tag="toy", steps=200, seed=0, panel_px=160)
+def test_toy2d_approaches_a_cross_validated_kde(tmp_path):
+    # Figure 1 as the README draws it (the defaults), against the best independent density estimate we
+    # know for the same points: a Gaussian KDE whose bandwidth 3-fold cross-validation chose on the
+    # training points, scored on the same test points.
+    result = toy2d(tmp_path, tag="toy")
     train = make_moons(4000, noise=0.05, random_state=0)[0]
     test = make_moons(2000, noise=0.05, random_state=1)[0]
+    search = GridSearchCV(KernelDensity(), {"bandwidth": np.geomspace(0.01, 0.08, 10)}, cv=3).fit(train)
+    kde = search.best_estimator_.score_samples(test).mean()  # refit on all training points
     gaussian = multivariate_normal(train.mean(0), np.cov(train.T, bias=True)).logpdf(test).mean()
     assert result.gaussian_test_ll == pytest.approx(gaussian, rel=1e-9)
-    assert result.test_ll > gaussian + 0.2, (result, gaussian)
-    assert abs(result.train_ll - result.test_ll) < 0.2
-    assert result.path.name == "toy-toy2d.png"
-    assert _open(result.path, "PNG").size == (320, 320)
+    print(f"toy2d test log-likelihood {result.test_ll:.3f} nats/point, KDE {kde:.3f} "
+          f"(bandwidth {search.best_params_['bandwidth']:.3f}), Gaussian {gaussian:.3f}; {result.seconds:.0f} s")
+    assert result.test_ll > kde - 0.1, (result, kde)
+    assert abs(result.train_ll - result.test_ll) < 0.1
+    assert result.path.name == "toy-toy2d.png" and _open(result.path, "PNG").size == (640, 640)
 
 
 def test_toy_flow_likelihood_is_a_change_of_variables():

@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 from urllib.parse import quote
 
-import torch
-
 from nvp_dist.figures.compression import PAPER_FRACTIONS, compression, fraction_label, split_fractions
 from nvp_dist.figures.grids import PathLike, figure_path, image_grid, save_png
 from nvp_dist.figures.manifold import manifold, manifold_animation
@@ -44,7 +42,7 @@ class PageOptions:
     use_ema: bool = True
     device: str = "cpu"
     toy2d: bool = False
-    toy2d_steps: int = 3000
+    toy2d_steps: int = 2000
 
 
 @dataclass(frozen=True)
