@@ -1,5 +1,5 @@
 """Changing attributes of real images (the paper's Figure 28): encode an image with its own attribute
-vector, then decode the same latents with attributes switched. For a class-conditional model (one-hot
+vector, then decode the same latents with attributes switched, or with another image's whole attribute vector. For a class-conditional model (one-hot
 conditioning, e.g. the digits) the switch is to another class: the latents keep the writing style.
 
 The latents of a conditional flow hold what the attributes do not explain (pose, background, lighting), so
@@ -7,7 +7,7 @@ decoding them under another attribute vector keeps those and redraws the rest.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -37,12 +37,13 @@ def set_class(cond: torch.Tensor, class_names: Sequence[str], name: str) -> torc
 
 def attributes(model: nn.Module, images: torch.Tensor, cond: torch.Tensor, attr_names: Sequence[str],
                flips: Sequence[str], out_dir: PathLike = ".", tag: str = "model", batch_size: int = 64,
-               padding: int = 2, classes: bool = False) -> Figure:
+               padding: int = 2, classes: bool = False, cond_from: Optional[torch.Tensor] = None) -> Figure:
     """`{tag}-attributes.png`: one row per uint8 image [N, C, H, W]; columns: the image, its reconstruction
     with its own attributes `cond` [N, cond_dim] (0/1, named by `attr_names` in order), then one column per
     name in `flips`, decoded with that single attribute switched; with `classes` (one-hot class conditioning,
-    `attr_names` the class names) decoded as that class instead.
-    Figure.images: uint8 [N, 2 + len(flips), C, H, W].
+    `attr_names` the class names) decoded as that class instead. With `cond_from` [cond_dim] (another
+    image's attributes, the paper's Figure 28) a last column decodes every row's latents with that vector.
+    Figure.images: uint8 [N, 2 + len(flips) (+ 1), C, H, W].
     """
     cond_dim = model.cfg.cond_dim
     if cond_dim == 0:
@@ -53,6 +54,10 @@ def attributes(model: nn.Module, images: torch.Tensor, cond: torch.Tensor, attr_
     cond = cond.float()
     switch = set_class if classes else flip_attribute
     flipped = [switch(cond, attr_names, name) for name in flips]  # unknown names fail before any work
+    if cond_from is not None:
+        if cond_from.shape != (cond_dim,):
+            raise ValueError(f"cond_from must be one attribute vector [{cond_dim}]; got {tuple(cond_from.shape)}")
+        flipped.append(cond_from.float().to(cond.device).expand_as(cond))
     zs = encode(model, images, cond)
     columns = [images.cpu(), decode(model, zs, cond, batch_size)]
     columns += [decode(model, zs, c, batch_size) for c in flipped]

@@ -1,56 +1,51 @@
 """`nvp-dist figures KIND --checkpoint C [--config X] [--out DIR] [options]`: the paper's figures from any
 trained model (an exported fp32 file or a checkpoint directory of any ZeRO stage; Polyak weights when the
 run kept them). Files are named `{config}-step{N}-{kind}...`; toy2d trains its own 2-D flow and needs no
-checkpoint.
+checkpoint. `page` writes the authors' visualisation page (index.html and its images) for one or more
+checkpoints (see nvp_dist.figures.page).
+
+Images come from the evaluation split at `--indices` (positions in evaluation order), by default a random
+choice drawn from `--seed`, so a figure shows the same images on every machine.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List
 
 import torch
 
-KINDS = ("samples", "extrapolate", "compression", "manifold", "attributes", "toy2d")
+KINDS = ("samples", "extrapolate", "compression", "manifold", "attributes", "toy2d", "page")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=KINDS)
-    p.add_argument("--checkpoint", help="model_fp32.pt, a checkpoint dir, checkpoints/ or a run dir")
+    p.add_argument("--checkpoint", action="append",
+                   help="model_fp32.pt, a checkpoint dir, checkpoints/ or a run dir (page: repeat for more rows)")
     p.add_argument("--config", help="YAML whose data section supplies the images (default: the checkpoint's)")
     p.add_argument("--out", default="figures", help="output folder (default: figures/)")
     p.add_argument("--split", help="split the images come from (default: data.eval_split)")
     p.add_argument("--n", type=int, default=8, help="grid side for samples; images for compression/attributes")
+    p.add_argument("--indices", type=int, nargs="+",
+                   help="evaluation images to use, by position (default: a random choice drawn from --seed)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7])
+    p.add_argument("--fractions", type=float, nargs="+", default=None,
+                   help="compression: fractions of the latents kept (default: the paper's 1 0.5 0.25 0.125 0.0625)")
     p.add_argument("--factors", type=int, nargs="+", default=[2, 10], help="extrapolation size factors")
     p.add_argument("--m", type=int, default=8, help="manifold grid side (a multiple of 4)")
     p.add_argument("--frames", type=int, default=16, help="frames of the manifold GIF (a multiple of 4)")
     p.add_argument("--flip", nargs="*", default=None,
                    help="attribute names to flip, or classes to decode as (attributes; default: every class)")
-    p.add_argument("--steps", type=int, default=500, help="toy2d training steps")
+    p.add_argument("--attributes-from", type=int, metavar="INDEX",
+                   help="attributes: also decode every row with the attribute vector of evaluation image INDEX")
+    p.add_argument("--toy2d", action="store_true", help="page: add the Figure 1 section (trains the toy flow)")
+    p.add_argument("--steps", type=int, default=2000, help="toy2d training steps")
     p.add_argument("--zoom", type=int, default=1, help="enlarge every written image by this factor (nearest)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the live weights, not the Polyak averages")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("overrides", nargs="*", help="key=value overrides of --config")
-
-
-def _images(cfg, split: str, n: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The first n valid images of a split (deterministic: evaluation order, centre crops)."""
-    from nvp_dist.data import eval_batches
-
-    images, conds = [], []
-    for batch in eval_batches(cfg.data, split, batch_size=max(n, 1)):
-        images.append(batch.images[batch.valid])
-        if batch.cond is not None:
-            conds.append(batch.cond[batch.valid])
-        if sum(len(i) for i in images) >= n:
-            break
-    x = torch.cat(images)[:n]
-    if len(x) < n:
-        raise ValueError(f"split {split!r} has only {len(x)} images; {n} needed")
-    return x, (torch.cat(conds)[:n] if conds else None)
 
 
 def _zoom(paths: List[Path], factor: int) -> None:
@@ -72,6 +67,8 @@ def _zoom(paths: List[Path], factor: int) -> None:
 def draw(args: argparse.Namespace) -> List[Path]:
     from nvp_dist import figures
     from nvp_dist.config import load_config
+    from nvp_dist.figures.compression import PAPER_FRACTIONS
+    from nvp_dist.figures.examples import choose_images, eval_images
     from nvp_dist.train.export import load_inference_model
 
     out = Path(args.out)
@@ -80,35 +77,58 @@ def draw(args: argparse.Namespace) -> List[Path]:
     if not args.checkpoint:
         raise ValueError(f"figures {args.kind} needs --checkpoint")
     cfg = load_config(args.config, args.overrides) if args.config else None
-    model, cfg, step = load_inference_model(args.checkpoint, use_ema=not args.no_ema, device=args.device, config=cfg)
+    if args.kind == "page":
+        from nvp_dist.figures.page import PageOptions, write_page
+
+        options = PageOptions(n=args.n, temperature=args.temperatures[0], fractions=tuple(args.fractions or PAPER_FRACTIONS),
+                              indices=args.indices, m=args.m, frames=args.frames, seed=args.seed,
+                              use_ema=not args.no_ema, device=args.device, toy2d=args.toy2d, toy2d_steps=args.steps)
+        return [write_page(args.checkpoint, out, options, config=cfg)]
+    if len(args.checkpoint) > 1:
+        raise ValueError(f"figures {args.kind} draws one model; got {len(args.checkpoint)} --checkpoint")
+    model, cfg, step = load_inference_model(args.checkpoint[0], use_ema=not args.no_ema, device=args.device, config=cfg)
     tag = f"{cfg.name}-step{step}"
     split = args.split or cfg.data.eval_split
     common = dict(out_dir=out, tag=tag)
+
+    def pick(n: int):
+        return choose_images(cfg, split, n, args.indices, args.seed)[1:]
+
     if args.kind == "samples":
-        data, cond = _images(cfg, split, args.n * args.n)
+        data, cond = pick(args.n * args.n)
         found = figures.samples(model, data, n=args.n, temperatures=args.temperatures, cond=cond, seed=args.seed, **common)
     elif args.kind == "extrapolate":
-        cond = _images(cfg, split, 4)[1]
-        found = figures.extrapolate(model, n=2, factors=args.factors, cond=cond, seed=args.seed, **common)
+        cond = None
+        if cfg.model.cond_dim:  # a conditional model draws under the attributes of random evaluation images
+            cond = pick(args.n * args.n)[1]
+        found = figures.extrapolate(model, n=args.n, factors=args.factors, temperatures=args.temperatures, cond=cond,
+                                    seed=args.seed, **common)
     elif args.kind == "compression":
-        data, cond = _images(cfg, split, args.n)
-        found = [figures.compression(model, data, cond=cond, seed=args.seed, **common)]
+        data, cond = pick(args.n)
+        fig = figures.compression(model, data, fractions=args.fractions or PAPER_FRACTIONS, cond=cond,
+                                  seed=args.seed, **common)
+        if fig.note:
+            print(f"nvp-dist figures compression: {fig.note}", file=sys.stderr)
+        found = [fig]
     elif args.kind == "manifold":
-        data, cond = _images(cfg, split, 8)
-        found = [figures.manifold(model, data[:4], m=args.m, cond=None if cond is None else cond[:4], **common),
-                 figures.manifold_animation(model, data, m=args.m, frames=args.frames, cond=cond, **common)]
+        data, cond = pick(8)
+        found = [figures.manifold(model, data[:4], m=args.m, cond=None if cond is None else cond[0], **common),
+                 figures.manifold_animation(model, data, m=args.m, frames=args.frames,
+                                            cond=None if cond is None else cond[0], **common)]
     else:  # attributes
         from nvp_dist.data import read_manifest
 
-        data, cond = _images(cfg, split, args.n)
+        data, cond = pick(args.n)
         if cond is None:
             raise ValueError("figures attributes needs a model trained with data.cond=attributes or class")
         names = read_manifest(cfg.data.path).cond_names
         classes = cfg.data.cond == "class"
-        if args.flip is None and not classes:
-            raise ValueError("figures attributes needs --flip NAME [NAME ...] (attribute names to flip)")
-        flips = names if args.flip is None else args.flip
-        found = [figures.attributes(model, data, cond, names, flips, classes=classes, **common)]
+        if args.flip is None and not classes and args.attributes_from is None:
+            raise ValueError("figures attributes needs --flip NAME [NAME ...] (attribute names to flip) "
+                             "or --attributes-from INDEX")
+        flips = (names if classes else []) if args.flip is None else args.flip
+        cond_from = None if args.attributes_from is None else eval_images(cfg, split, [args.attributes_from])[1][0]
+        found = [figures.attributes(model, data, cond, names, flips, classes=classes, cond_from=cond_from, **common)]
     return [f.path for f in found]
 
 

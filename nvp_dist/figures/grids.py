@@ -12,7 +12,7 @@ from typing import Collection, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 PathLike = Union[str, Path]
 RED = (255, 0, 0)
@@ -25,6 +25,7 @@ class Figure:
 
     path: Path
     images: torch.Tensor
+    note: str = ""  # what the figure could not show as asked (e.g. fractions a model's scales do not allow)
 
 
 def figure_path(out_dir: PathLike, tag: str, name: str) -> Path:
@@ -72,6 +73,27 @@ def image_grid(images: Union[torch.Tensor, np.ndarray], ncol: int, padding: int 
 def _cell_origin(i: int, ncol: int, h: int, w: int, padding: int):
     row, col = divmod(i, ncol)
     return padding + row * (h + padding), padding + col * (w + padding)
+
+
+def label_columns(grid: np.ndarray, labels: Sequence[str], cell: int, padding: int) -> np.ndarray:
+    """A grid [H, W, C] of len(labels) columns of `cell` pixels with a text header naming each column.
+
+    Small images (the 8x8 digits) are narrower than a label: the grid is then enlarged by the smallest
+    integer factor (nearest neighbour, pixels kept as blocks) that gives every label its column's width.
+    """
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    boxes = [measure.textbbox((0, 0), text, font=font) for text in labels]
+    widest, tall = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    factor = max(1, -(-(widest + 2) // (cell + padding)))
+    grid = grid.repeat(factor, axis=0).repeat(factor, axis=1)
+    header = Image.new("RGB", (grid.shape[1], tall + 4), "white")
+    draw = ImageDraw.Draw(header)
+    for j, (text, box) in enumerate(zip(labels, boxes)):
+        centre = factor * (padding + j * (cell + padding) + cell / 2)
+        draw.text((centre - box[2] / 2, 1), text, fill="black", font=font)
+    head = np.asarray(header.convert("L"))[:, :, None] if grid.shape[2] == 1 else np.asarray(header)
+    return np.concatenate([head, grid], axis=0)
 
 
 def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 8) -> np.ndarray:

@@ -40,10 +40,11 @@ def samples(model: nn.Module, data_images: torch.Tensor, n: int = 8, temperature
 
 
 def extrapolate(model: nn.Module, n: int = 2, factors: Sequence[int] = (2, 10), out_dir: PathLike = ".",
-                tag: str = "model", temperature: float = 1.0, cond: Optional[torch.Tensor] = None,
+                tag: str = "model", temperatures: Sequence[float] = (1.0,), cond: Optional[torch.Tensor] = None,
                 seed: int = 0, batch_size: int = 4, padding: int = 2) -> List[Figure]:
-    """One PNG per factor, `{tag}-extrapolate-x{factor}.png`: an n x n grid of samples of side
-    factor * model.cfg.image_size (the paper's Figures 17-21; the latent shapes follow the size).
+    """One PNG per factor and temperature, `{tag}-extrapolate-x{factor}-T{T}.png`: an n x n grid of samples
+    of side factor * model.cfg.image_size (the paper's Figures 17-21; the latent shapes follow the size).
+    As in `samples`, every temperature reuses the seed. `cond` [n*n, cond_dim] for a conditional model.
 
     `batch_size` bounds memory: a 10x sample holds 100 training images' worth of activations.
     Figure.images: uint8 [n, n, C, S, S] with S = factor * image_size.
@@ -51,7 +52,9 @@ def extrapolate(model: nn.Module, n: int = 2, factors: Sequence[int] = (2, 10), 
     figures = []
     for factor in factors:
         size = factor * model.cfg.image_size
-        images = _draw(model, n * n, size, temperature, cond, seed, batch_size)
-        path = save_png(image_grid(images, n, padding), figure_path(out_dir, tag, f"extrapolate-x{factor}.png"))
-        figures.append(Figure(path, images.view(n, n, *images.shape[1:])))
+        for t in temperatures:
+            images = _draw(model, n * n, size, t, cond, seed, batch_size)
+            name = f"extrapolate-x{factor}-T{t:g}.png"
+            path = save_png(image_grid(images, n, padding), figure_path(out_dir, tag, name))
+            figures.append(Figure(path, images.view(n, n, *images.shape[1:])))
     return figures

@@ -80,8 +80,8 @@ class Toy2dResult:
     seconds: float
 
 
-def train_toy_flow(train: np.ndarray, steps: int, couplings: int = 6, mid_channels: int = 16,
-                   res_blocks: int = 1, batch_size: int = 128, lr: float = 3e-3) -> ToyFlow:
+def train_toy_flow(train: np.ndarray, steps: int, couplings: int = 8, mid_channels: int = 32,
+                   res_blocks: int = 1, batch_size: int = 512, lr: float = 3e-3) -> ToyFlow:
     """Maximum likelihood on points [N, 2] with Adam; returns the flow in evaluation mode."""
     flow = ToyFlow(couplings, mid_channels, res_blocks, train.mean(0), train.std(0))
     x_train = torch.tensor(train, dtype=torch.float32)
@@ -103,12 +103,17 @@ def _numpy_map(fn, points: np.ndarray) -> np.ndarray:
     return (out[0] if isinstance(out, tuple) else out).numpy().astype(np.float64)
 
 
-def toy2d(out_dir: PathLike = ".", tag: str = "toy", steps: int = 500, seed: int = 0, n_train: int = 4000,
-          n_test: int = 2000, couplings: int = 6, mid_channels: int = 16, res_blocks: int = 1,
-          batch_size: int = 128, lr: float = 3e-3, panel_px: int = 320) -> Toy2dResult:
+def toy2d(out_dir: PathLike = ".", tag: str = "toy", steps: int = 2000, seed: int = 0, n_train: int = 4000,
+          n_test: int = 2000, couplings: int = 8, mid_channels: int = 32, res_blocks: int = 1,
+          batch_size: int = 512, lr: float = 3e-3, panel_px: int = 320) -> Toy2dResult:
     """Train the toy flow on `n_train` moons (seed), evaluate on `n_test` (seed + 1), and write
-    `{tag}-toy2d.png` (four panels, each panel_px square; see `draw_figure_1`). The defaults take about
-    15 s on one CPU core. The global RNG and thread count are left as they were."""
+    `{tag}-toy2d.png` (four panels, each panel_px square; see `draw_figure_1`). The global RNG and thread
+    count are left as they were.
+
+    The defaults are what Figure 1 needs: with the earlier 6 couplings of width 16, batch 128 and 500 steps
+    (test -0.53 nats/point) f(x) was two lobes with a dense band and f^-1(z) bent into a hook. These reach
+    -0.37 against -0.35 for a cross-validated KDE (tests/test_figures.py), in 76 s of CPU time on one
+    thread of a machine loaded 5x over (each op is tiny: the step costs the same from batch 128 to 512)."""
     start = time.perf_counter()
     train, test = two_moons(n_train, seed), two_moons(n_test, seed + 1)
     threads = torch.get_num_threads()

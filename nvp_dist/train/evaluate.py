@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from nvp_dist.config import Config
-from nvp_dist.data import eval_batches
+from nvp_dist.data import eval_batches, read_manifest
 from nvp_dist.flows import RealNVP, bits_per_dim
 from nvp_dist.train.distributed import DistEnv, reduce_tensor
 
@@ -44,15 +44,22 @@ def sample_noise(keys, shape, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: RealNVP, cfg: Config, env: DistEnv, split: Optional[str] = None, max_batches: int = 0,
-             stop: Callable[[], bool] = lambda: False, step: int = 0) -> dict:
+             stop: Callable[[], bool] = lambda: False, step: int = 0, progress: bool = False) -> dict:
     """Mean bits/dim over `split` (all ranks together) and the number of images it covers; with
-    `interrupted` true (and no mean) when `stop()` turned true on some rank between its batches."""
+    `interrupted` true (and no mean) when `stop()` turned true on some rank between its batches. `progress`
+    draws a progress bar on rank 0 (a whole ImageNet validation split takes minutes on one device)."""
     split = split or cfg.data.eval_split
     micro = max(1, cfg.train.batch_size // (env.world_size * cfg.train.grad_accum))
     model.eval()
     t = cfg.train
     total = torch.zeros(3, dtype=torch.float64, device=env.device)  # bits sum, images, ranks interrupted
-    for i, batch in enumerate(eval_batches(cfg.data, split, batch_size=micro, rank=env.rank, world_size=env.world_size)):
+    batches = eval_batches(cfg.data, split, batch_size=micro, rank=env.rank, world_size=env.world_size)
+    if progress and env.is_main:
+        from tqdm import tqdm
+
+        per_rank = -(-read_manifest(cfg.data.path).num_samples(split) // env.world_size)
+        batches = tqdm(batches, desc=f"bits/dim on {split}", unit="batch", total=-(-per_rank // micro))
+    for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
         if (t.inject_signal_at_eval_batch == i + 1 and t.inject_signal_rank in (-1, env.rank)
