@@ -4,8 +4,9 @@
 # wheel that such a machine cannot use); with one, the CUDA build the driver supports (README, "GPUs").
 set -euo pipefail
 PY=${PYTHON:-python3}
-if [[ ! -x .venv/bin/python ]]; then
-  "$PY" -m venv .venv
+# A venv whose creation was interrupted has a python but no activate script: make it again.
+if [[ ! -x .venv/bin/python || ! -f .venv/bin/activate ]]; then
+  "$PY" -m venv --clear .venv
 fi
 # shellcheck disable=SC1091
 source .venv/bin/activate
