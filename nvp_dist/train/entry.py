@@ -15,7 +15,7 @@ import os
 import sys
 from typing import List, Optional
 
-from nvp_dist.train.failures import EXIT_CONFIG, EXIT_DIVERGED, EXIT_FAILED, EXIT_STOPPED  # noqa: F401
+from nvp_dist.train.failures import EXIT_CONFIG, EXIT_FAILED
 
 log = logging.getLogger("nvp_dist.train")
 
