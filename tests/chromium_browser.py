@@ -121,6 +121,8 @@ class Chromium:
 
     def start(self, timeout: float = 60.0) -> None:
         profile = self.workdir / "profile"
+        port_file = profile / "DevToolsActivePort"
+        port_file.unlink(missing_ok=True)  # a reused profile's file names the last browser's port
         log = open(self.workdir / "chromium.log", "ab")
         # --no-sandbox: CI runs as root, where chromium refuses its sandbox. Port 0: chromium picks a free
         # port and writes it to DevToolsActivePort in the profile.
@@ -132,7 +134,6 @@ class Chromium:
              "--remote-allow-origins=*", f"--user-data-dir={profile}", "about:blank"],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + timeout
         while not (port_file.is_file() and port_file.read_text().strip()):
             if self._proc.poll() is not None or time.monotonic() > deadline:

@@ -120,7 +120,19 @@ def test_page_in_headless_chromium(page, chromium, tmp_path):
         assert tab.evaluate(shown)[0].endswith("-manifold.png")
         tab.evaluate("document.querySelector('a.manifold').focus()")  # keyboard users get the animation too
         assert tab.evaluate(shown)[0].endswith("-manifold.gif")
-        tab.evaluate("document.querySelector('a.manifold').blur(); window.scrollTo(0, 0)")
+        tab.evaluate("document.querySelector('a.manifold').blur()")
+        # A first tap on a touch screen plays the second row's animation and stays on the page.
+        second = shown.replace("[0]", "[1]")
+        assert tab.evaluate(second)[0].endswith("-manifold.png")
+        tab.send("Emulation.setTouchEmulationEnabled", enabled=True)
+        x, y = tab.evaluate("(() => { const a = document.querySelectorAll('a.manifold')[1]; a.scrollIntoView(); "
+                            "const r = a.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        tab.send("Input.dispatchTouchEvent", type="touchStart", touchPoints=[{"x": x, "y": y}])
+        tab.send("Input.dispatchTouchEvent", type="touchEnd", touchPoints=[])
+        assert tab.evaluate(second)[0].endswith("-manifold.gif")
+        assert tab.evaluate("location.href") == (out / "index.html").resolve().as_uri()
+        tab.send("Emulation.setTouchEmulationEnabled", enabled=False)
+        tab.evaluate("window.scrollTo(0, 0)")
 
         shot = tab.screenshot(tmp_path / "page.png")
     finally:

@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attributes-from", type=int, metavar="INDEX",
                    help="attributes: also decode every row with the attribute vector of evaluation image INDEX")
     p.add_argument("--toy2d", action="store_true", help="page: add the Figure 1 section (trains the toy flow)")
-    p.add_argument("--steps", type=int, default=2000, help="toy2d training steps")
+    p.add_argument("--steps", type=int, default=1400, help="toy2d training steps")
     p.add_argument("--zoom", type=int, default=1, help="enlarge every written image by this factor (nearest)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the live weights, not the Polyak averages")

@@ -42,7 +42,7 @@ class PageOptions:
     use_ema: bool = True
     device: str = "cpu"
     toy2d: bool = False
-    toy2d_steps: int = 2000
+    toy2d_steps: int = 1400
 
 
 @dataclass(frozen=True)
