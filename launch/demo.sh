@@ -13,7 +13,9 @@ if [[ -d $OUT/checkpoints ]]; then
   echo "demo: $OUT already holds a run; continuing it (rm -r $OUT to start over)"
 fi
 # One rank per visible GPU (CUDA_VISIBLE_DEVICES respected), else 2 CPU ranks; the line says which.
-read -r ranks accelerator launch_args <<< "$(python -m nvp_dist.train.distributed)"
+# (A separate assignment, so that a failure there stops the demo with its message: `read <<<` would hide it.)
+choice=$(python -m nvp_dist.train.distributed)
+read -r ranks accelerator launch_args <<< "$choice"
 export DS_ACCELERATOR=$accelerator
 # One thread per rank: the launcher sets none, and oversubscribed cores run ten times slower.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / ranks > 0 ? $(nproc) / ranks : 1 ))}
