@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from nvp_dist.train import safe_load
+from nvp_dist.train.fsutil import atomic_write, fsync_dir
 
 # 2: RNG states stored as tensors and plain values (format 1 pickled numpy's state), so that every file
 # of a checkpoint loads with the weights-only unpickler.
@@ -58,15 +59,6 @@ def _sha256(path: Path, fsync: bool = False) -> str:
     return h.hexdigest()
 
 
-def fsync_dir(d: Path) -> None:
-    """Make the names in `d` (new files, renames) durable; a file's own fsync does not cover them."""
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fault_point(stage: str, step: int) -> None:
     want = os.environ.get(FAULT_ENV)
     if want and want in (stage, f"{stage}@{step}"):
@@ -83,7 +75,7 @@ def write_manifest(d: Path) -> None:
     """Hash and fsync every file under `d`, then write MANIFEST.json and fsync `d` and its subdirectories."""
     entries = {str(p.relative_to(d)): {"size": p.stat().st_size, "sha256": _sha256(p, fsync=True)}
                for p in _files(d)}
-    atomic_write_text(d / "MANIFEST.json", json.dumps({"format_version": FORMAT_VERSION, "files": entries}, indent=1))
+    atomic_write(d / "MANIFEST.json", json.dumps({"format_version": FORMAT_VERSION, "files": entries}, indent=1))
     for sub in sorted(p for p in d.rglob("*") if p.is_dir()):
         fsync_dir(sub)
 
@@ -124,17 +116,6 @@ def newest_valid(root: Path) -> Optional[str]:
     return None
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace `path` with `text`: written and fsynced under a temporary name, renamed, directory fsynced."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def finalize(root: Path, step: int, keep: int) -> Path:
     """Rank 0, after every rank has written: manifest, rename into place, point `latest`, prune. At every
     point a complete checkpoint exists under its own name or, for a re-save of one step, as `.old`."""
@@ -151,7 +132,7 @@ def finalize(root: Path, step: int, keep: int) -> Path:
     os.replace(tmp, final)
     fsync_dir(root)
     _fault_point("renamed", step)
-    atomic_write_text(root / "latest", final.name)
+    atomic_write(root / "latest", final.name)
     _fault_point("latest", step)
     shutil.rmtree(old, ignore_errors=True)
     for stale in checkpoint_tags(root)[keep:]:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
+
+from nvp_dist.train.fsutil import atomic_write
 
 log = logging.getLogger("nvp_dist.train")
 
@@ -36,11 +37,6 @@ def truncate(path: Path, step: int) -> None:
     text = b"".join(line + b"\n" for line in kept)
     if text == raw:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, text)
     log.info("%s: dropped %d records after step %d and %d unreadable lines (a killed run's)", path, replayed,
              step, torn)
