@@ -90,6 +90,42 @@ def test_checkpoint_seal_verify_and_fallback(tmp_path, caplog):
     assert "sha256" in ckpt.verify(root / "step00000010")
 
 
+def _seal(root, step, keep):
+    d = root / (ckpt.tag_for(step) + ".tmp")
+    d.mkdir(parents=True)
+    (d / "weights.pt").write_bytes(bytes(range(256)) * step)
+    ckpt.finalize(root, step, keep=keep)
+
+
+def _damage(root, step):
+    f = root / ckpt.tag_for(step) / "weights.pt"
+    f.write_bytes(f.read_bytes()[:-1])
+
+
+def test_prune_never_removes_the_new_checkpoint_after_a_fallback(tmp_path):
+    """`--resume auto` fell back past a damaged step 10 to step 5; the next save (step 8, keep 1) must stay,
+    and `latest` must name a directory that verifies."""
+    root = tmp_path / "checkpoints"
+    _seal(root, 5, keep=2)
+    _seal(root, 10, keep=2)
+    _damage(root, 10)
+    assert ckpt.newest_valid(root) == "step00000005"
+    _seal(root, 8, keep=1)
+    assert (root / "latest").read_text() == "step00000008"
+    assert ckpt.checkpoint_tags(root) == ["step00000008"]  # the abandoned step 10 and the surplus step 5 go
+    assert ckpt.verify(root / "step00000008") is None
+
+
+def test_prune_skips_damaged_older_tags_when_counting_kept_ones(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (3, 5, 7):
+        _seal(root, step, keep=5)
+    _damage(root, 7)
+    _damage(root, 5)
+    _seal(root, 9, keep=2)
+    assert ckpt.checkpoint_tags(root) == ["step00000009", "step00000003"]
+
+
 @pytest.mark.parametrize("argv", [
     ["--config", "c.yaml", "--resume", "auto", "train.steps=3", "train.zero_stage=0"],
     ["--config", "c.yaml", "train.steps=3", "--resume", "auto", "train.zero_stage=0"],  # launch/demo.sh's order

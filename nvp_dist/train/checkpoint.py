@@ -135,9 +135,30 @@ def finalize(root: Path, step: int, keep: int) -> Path:
     atomic_write(root / "latest", final.name)
     _fault_point("latest", step)
     shutil.rmtree(old, ignore_errors=True)
-    for stale in checkpoint_tags(root)[keep:]:
-        shutil.rmtree(root / stale, ignore_errors=True)
+    prune(root, final.name, keep)
     return final
+
+
+def prune(root: Path, current: str, keep: int) -> None:
+    """Keep `current` (just written, what `latest` names) and the newest `keep - 1` older tags that verify.
+    Tags newer than `current` are removed: the run resumed from an older step, so they are an abandoned
+    future (damaged ones `--resume auto` fell back past, or a run resumed explicitly from an older tag) that
+    a later `--resume auto` must not jump back to; the re-saved steps replace them. Damaged older tags are
+    removed rather than holding a kept slot. Verifying re-hashes up to `keep - 1` older checkpoints per save
+    (what their own save's manifest cost), and only until enough good ones are found."""
+    wanted = max(keep, 1) - 1
+    for tag in checkpoint_tags(root):
+        if tag == current:
+            continue
+        if tag < current and wanted:  # same-width names: string order is step order
+            problem = verify(root / tag)
+            if problem is None:
+                wanted -= 1
+                continue
+            log.warning("removing checkpoint %s: %s", root / tag, problem)
+        elif tag > current:
+            log.warning("removing checkpoint %s: newer than %s, which this run resumed before", root / tag, current)
+        shutil.rmtree(root / tag, ignore_errors=True)
 
 
 def recover(root: Path) -> None:
