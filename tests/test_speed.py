@@ -74,6 +74,18 @@ def test_compile_keeps_log_det_and_inverse():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_compile_raises_dynamo_recompile_limits_under_either_name():
+    """Every s/t network shares one forward: Dynamo's per-code-object limit must cover them all, whether
+    this torch calls it recompile_limit (2.7+) or cache_size_limit (2.6)."""
+    import torch._dynamo.config as dynamo_cfg
+
+    limit = lambda new, old: getattr(dynamo_cfg, new if hasattr(dynamo_cfg, new) else old)
+    _, fast, _ = _pair(compile=True)  # compiles lazily: nothing is traced here
+    n = sum(isinstance(m, STNetwork) for m in fast.modules())
+    assert limit("recompile_limit", "cache_size_limit") >= 8 * n
+    assert limit("accumulated_recompile_limit", "accumulated_cache_size_limit") >= 16 * n
+
+
 def test_compile_refuses_zero3_and_res_block_checkpointing():
     from nvp_dist.config import ConfigError
 

@@ -38,9 +38,13 @@ def apply_speed_options(model: torch.nn.Module, compile: bool = False, channels_
         # Dynamo counts recompilations per code object, and every STNetwork shares one forward: each
         # instance, shape, and grad mode (the invertible mode's no-grad passes) is one more. Past the default
         # limit of 8 the rest silently ran eager (seen on the debug model's 10 networks).
+        # torch 2.7 renamed cache_size_limit to recompile_limit (the old names remain as aliases there, but
+        # pyproject's floor, torch 2.6, has only the old ones): set whichever this torch has.
         cfg = torch._dynamo.config
-        cfg.recompile_limit = max(cfg.recompile_limit, 8 * len(nets))
-        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 16 * len(nets))
+        for new, old, want in (("recompile_limit", "cache_size_limit", 8 * len(nets)),
+                               ("accumulated_recompile_limit", "accumulated_cache_size_limit", 16 * len(nets))):
+            name = new if hasattr(cfg, new) else old
+            setattr(cfg, name, max(getattr(cfg, name), want))
     for net in nets:
         if channels_last:
             net.register_forward_pre_hook(_to_channels_last)
