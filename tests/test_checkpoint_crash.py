@@ -102,3 +102,19 @@ def test_metrics_records_past_the_resumed_step_and_a_torn_line_are_dropped(tmp_p
     assert path.read_text() == "".join(json.dumps(r) + "\n" for r in lines[:2])
     records.truncate(path, 0)  # a fresh start in the same directory
     assert path.read_text() == ""
+
+
+def test_has_event_finds_an_eval_record_of_that_step_only(tmp_path):
+    """A run resumed at its last step re-runs the final evaluation: recorded only if no record of it exists
+    (a stop signal during that evaluation abandoned it), never twice."""
+    from nvp_dist.train import records
+
+    path = tmp_path / "metrics.jsonl"
+    assert not records.has_event(path, "eval", 4)  # no file yet
+    path.write_text(json.dumps({"event": "eval", "step": 2}) + "\n" + json.dumps({"event": "train", "step": 4})
+                    + "\n" + '{"event": "eval", "st')
+    assert records.has_event(path, "eval", 2)
+    assert not records.has_event(path, "eval", 4)  # a train record, and a torn line, of step 4 do not count
+    with open(path, "a") as f:
+        f.write("\n" + json.dumps({"event": "eval", "step": 4}) + "\n")
+    assert records.has_event(path, "eval", 4)

@@ -40,3 +40,17 @@ def truncate(path: Path, step: int) -> None:
     atomic_write(path, text)
     log.info("%s: dropped %d records after step %d and %d unreadable lines (a killed run's)", path, replayed,
              step, torn)
+
+
+def has_event(path: Path, event: str, step: int) -> bool:
+    """Whether `path` holds a record of `event` at `step` (unreadable lines ignored)."""
+    if not path.is_file():
+        return False
+    for line in path.read_bytes().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == event and record.get("step") == step:
+            return True
+    return False

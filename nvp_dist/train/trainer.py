@@ -161,8 +161,10 @@ class Trainer:
                 log.warning("stopped by a termination signal at step %d after saving %s", self.step,
                             self.last_checkpoint)
                 raise SystemExit(EXIT_STOPPED)
-        if not result:  # resumed a run that had already finished: report it anyway (already recorded)
-            result = self.evaluate_and_sample(record=False)
+        if not result:  # resumed a run that had already finished: report it anyway, and record it unless
+            # it is recorded already (a stop signal during the final evaluation abandoned it unrecorded)
+            result = self.evaluate_and_sample(
+                record=not records.has_event(self.out / "metrics.jsonl", "eval", self.step))
         self._finish()
         return result
 
