@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -44,7 +45,10 @@ def test_every_installed_distribution_is_the_pinned_version():
     # The suite runs in the venv setup_env.sh installed with the constraints: what it tests is pinned. Only
     # the CUDA build's own runtime wheels (nvidia-*, triton) are torch's pins, not ours.
     pinned = pins()
-    for dist in importlib.metadata.distributions():
+    # Only the venv's own site-packages: once Ray is imported (earlier tests), its vendored
+    # ray/thirdparty_files (colorama, psutil) is on sys.path too, and those are Ray's, not installed by us.
+    site = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    for dist in importlib.metadata.distributions(path=site):
         name = canonicalize_name(dist.metadata["Name"])
         if name == "nvp-dist" or name.startswith("nvidia-") or name == "triton":
             continue
