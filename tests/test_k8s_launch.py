@@ -109,7 +109,9 @@ def test_sigterm_to_the_process_group_lets_ranks_checkpoint(tmp_path):
         os.killpg(proc.pid, signal.SIGTERM)
         code = proc.wait(timeout=60)
         assert (out / "saved0").exists(), logs(tmp_path)
-        assert code != 0
+        # The rank's 143, which the Job does not count as a failure: launch.py, signalled itself, exits 1,
+        # and train.sh takes the code the rank recorded (NVP_EXIT_DIR).
+        assert code == 143, logs(tmp_path)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

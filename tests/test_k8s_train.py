@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -83,8 +84,8 @@ class Cluster:
         path.mkdir(exist_ok=True)
         return path
 
-    def start_training(self):
-        """Both completion indices of the training Job, as new pods (fresh emptyDirs)."""
+    def start_training(self, env=None):
+        """Both completion indices of the training Job, as new pods (fresh emptyDirs); `env` overrides params."""
         self.starts += 1
         master_port = str(free_port())
         procs = []
@@ -95,7 +96,7 @@ class Cluster:
                               paths={"/workspace": self.workspace, "/etc/nvp-dist": self.config_dir,
                                      "/home/nvp": home, "/tmp": self.local("/tmp")},
                               env_overrides={"MASTER_PORT": master_port, "MASTER_ADDR": "127.0.0.1",
-                                             "HOSTNAME": f"{TRAIN_JOB['metadata']['name']}-{index}"})
+                                             "HOSTNAME": f"{TRAIN_JOB['metadata']['name']}-{index}", **(env or {})})
             with open(self.log_path(index), "w") as log:
                 procs.append(subprocess.Popen(cmd.argv, cwd=cmd.cwd, env=environment(cmd), stdout=log,
                                               stderr=subprocess.STDOUT, start_new_session=True))
@@ -220,3 +221,29 @@ def test_one_killed_pod_stops_the_other_and_both_resume(cluster):
     assert train[-1]["step"] == STEPS
     (evaluation,) = records(run, "eval")
     assert evaluation["step"] == STEPS and evaluation["images"] == 360
+
+
+def test_sigterm_to_one_launcher_checkpoints_and_both_pods_exit_143(cluster):
+    # SIGTERM to node 0's deepspeed launch.py alone, not to its rank: launch.py passes it on and exits 1
+    # itself; rank 0 stops after its step, rank 1 learns it from the stop flag's reduction, both checkpoint
+    # and exit 143. Both pods must exit 143, the code the Job's podFailurePolicy does not count (README, Exit
+    # codes): node 0's train.sh reads it from NVP_EXIT_DIR, node 1's launch.py passes its rank's through.
+    run = cluster.workspace / "preempted"
+    procs = cluster.start_training({"OUT_DIR": "/workspace/preempted"})
+    try:
+        assert wait_for(run / "checkpoints" / "latest", procs), cluster.logs()
+        (launcher,) = [p for p in psutil.Process(procs[0].pid).children(recursive=True)
+                       if "deepspeed.launcher.launch" in p.cmdline()]
+        launcher.terminate()
+        signalled = time.monotonic()
+        codes = [proc.wait(timeout=PEER_EXIT_S) for proc in procs]
+        print(f"pods exited {codes} {time.monotonic() - signalled:.1f} s after node 0's launcher got SIGTERM")
+    finally:
+        kill(procs)
+    assert codes == [143, 143], cluster.logs()
+    newest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    stopped = int(newest.name.removeprefix("step"))
+    assert CHECKPOINT_EVERY <= stopped <= STEPS, newest
+    assert (newest / "MANIFEST.json").is_file()
+    assert {p.name for p in newest.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
+    assert f"stopped by a termination signal at step {stopped}" in cluster.log_path(0).read_text(), cluster.logs()

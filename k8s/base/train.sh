@@ -20,9 +20,23 @@ done >"$hostfile"
 
 # deepspeed's runner has no SIGTERM handler: ignoring the signal (inherited across exec) keeps it waiting
 # for its launch.py child, which handles it, instead of dying at once and taking the container, and the
-# ranks' checkpoint, down with it. Exit codes pass through (README, Exit codes).
+# ranks' checkpoint, down with it. This shell ignores it too, and waits.
 trap '' TERM
-exec deepspeed --no_ssh --node_rank "$NODE_RANK" --hostfile "$hostfile" \
+# launch.py exits 1 when it is signalled itself, even after its ranks checkpointed and exited 143, and the
+# Job's podFailurePolicy reads the container's code: every rank records its own in NVP_EXIT_DIR
+# (nvp_dist/train/failures.py), and when all of this pod's ranks agree, theirs is the pod's code. Otherwise
+# (a rank killed, or stopped by the watchdog, before it recorded) the launcher's: it passes a failing rank's
+# code through (README, Exit codes).
+NVP_EXIT_DIR=$(mktemp -d "$HOME/exit-codes.XXXXXX")
+export NVP_EXIT_DIR
+code=0
+deepspeed --no_ssh --node_rank "$NODE_RANK" --hostfile "$hostfile" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
   launch/train.py --config "$config_dir/train.yaml" --resume auto \
-  "data.path=$DATA_PATH" "train.out_dir=$OUT_DIR"
+  "data.path=$DATA_PATH" "train.out_dir=$OUT_DIR" || code=$?
+shopt -s nullglob
+recorded=("$NVP_EXIT_DIR"/rank*)
+if ((${#recorded[@]} == GPUS_PER_NODE)) && [[ $(sort -u "${recorded[@]}" | wc -l) == 1 ]]; then
+  code=$(<"${recorded[0]}")
+fi
+exit "$code"

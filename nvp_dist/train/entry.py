@@ -32,6 +32,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run, and record the exit code for the launcher's wrapper (failures.record_exit); fail() records its
+    own before os._exit. A rank the watchdog stops (os._exit in its thread) records nothing."""
+    from nvp_dist.train.failures import record_exit
+
+    try:
+        code = run(argv)
+    except SystemExit as stop:  # argparse: a usage error (2) or --help (0)
+        code = int(stop.code or 0)
+    record_exit(code)
+    return code
+
+
+def run(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     from nvp_dist.config import ConfigError, load_config
     from nvp_dist.data import DataError
@@ -82,6 +95,7 @@ def fail(err: BaseException, saving=None) -> None:
     log.error("rank %d failed (exit code %d): %s", rank, code, message,
               exc_info=err if code == EXIT_FAILED else None)
     watchdog.report_failure(code, message)
+    failures.record_exit(code)
     # DataLoader workers would serve on for their SIGTERM grace period, holding the launcher's wait.
     for child in multiprocessing.active_children():
         child.kill()

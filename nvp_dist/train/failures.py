@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +30,24 @@ def exit_code(err: BaseException) -> int:
     if isinstance(err, TrainingDiverged):
         return EXIT_DIVERGED
     return EXIT_FAILED
+
+
+def record_exit(code: int) -> None:
+    """Leave this rank's exit code in $NVP_EXIT_DIR/rank<N>, if set, just before it exits. The deepspeed
+    launcher exits 1 when it is signalled itself, whatever its ranks exit with: a wrapper of it
+    (k8s/base/train.sh) reads these files to exit 143 after a checkpointed SIGTERM, not 1."""
+    directory = os.environ.get("NVP_EXIT_DIR")
+    if not directory:
+        return
+    from nvp_dist.train.distributed import read_env
+
+    path = Path(directory) / f"rank{read_env().rank}"
+    tmp = path.with_name(f".{path.name}.tmp")  # renamed into place: a rank killed mid-write leaves no file
+    try:
+        tmp.write_text(f"{code}\n")
+        os.replace(tmp, path)
+    except OSError as err:  # never worth changing the exit code for: the wrapper falls back to the launcher's
+        print(f"nvp-dist train: could not record exit code {code} in {directory}: {err}", file=sys.stderr)
 
 
 def describe(err: BaseException, saving: Optional[Path] = None) -> str:

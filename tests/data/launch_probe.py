@@ -4,6 +4,7 @@ end-to-end test runs the trainer itself: it reports what the launcher handed a r
 PROBE_MODE=world: join the process group, all-reduce the ranks, serve metrics from the --config file's
 metrics section, write a JSON report, exit with PROBE_EXIT on rank 1 (0 elsewhere).
 PROBE_MODE=sigterm: write "ready", then on SIGTERM take a second (a checkpoint), write "saved", exit 143.
+Either records its exit code as launch/train.py does (NVP_EXIT_DIR, nvp_dist/train/failures.py).
 """
 import argparse
 import json
@@ -13,6 +14,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from nvp_dist.train.failures import record_exit
 
 OUT = Path(os.environ["PROBE_OUT"])
 RANK = int(os.environ["RANK"])
@@ -49,6 +52,7 @@ def sigterm() -> int:
     def on_term(signum, frame):
         time.sleep(1.0)
         (OUT / f"saved{RANK}").write_text("checkpoint")
+        record_exit(143)
         sys.exit(143)
 
     signal.signal(signal.SIGTERM, on_term)
@@ -66,4 +70,6 @@ if __name__ == "__main__":
     p.add_argument("--local_rank", type=int)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    sys.exit(world(args) if os.environ["PROBE_MODE"] == "world" else sigterm())
+    code = world(args) if os.environ["PROBE_MODE"] == "world" else sigterm()
+    record_exit(code)
+    sys.exit(code)
