@@ -3,7 +3,8 @@ one table of what nvp-dist does on that GPU.
 
     bash benchmarks/device_check.sh [--dry-run] [--budget-s 480]     (writes $OUT/device_check.{md,json})
 
-1. `pytest -m gpu tests/test_gpu_smoke.py` (launcher, NCCL, bf16, ZeRO-2, invertible, resume, export).
+1. `pytest -m gpu tests/test_gpu_smoke.py` (launcher, NCCL, bf16, ZeRO-2, invertible, resume, export), given
+   at most 40% of the budget (killed with their launches past it, and reported as timed out).
 2. For the paper's CIFAR-10 (configs/cifar10.yaml) and 64x64 (configs/imagenet64.yaml) architectures at
    their batch of 64, one GPU, synthetic images: fp32/bf16 x memory standard/invertible x compile off/on,
    each cell `WARMUP` steps then `STEPS` timed: images/s, model FLOP utilisation against the GPU's
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -98,11 +100,20 @@ def measure(config: str, dtype: str, memory: str, compiled: bool, steps: int, wa
             "first_steps_s": started - first_step}
 
 
-def smoke_tests() -> str:
-    done = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-rs", "-q", "-p", "no:cacheprovider",
-                           "tests/test_gpu_smoke.py"], cwd=ROOT, capture_output=True, text=True)
-    lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
-    return f"exit {done.returncode}: {lines[-1] if lines else done.stderr[-500:]}"
+def smoke_tests(timeout_s: float) -> str:
+    """Run the gpu smoke tests within `timeout_s` (their launches are killed as a group past it, so the
+    whole check keeps its budget)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-m", "gpu", "-rs", "-q", "-p", "no:cacheprovider",
+                             "tests/test_gpu_smoke.py"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's ranks too, not just pytest
+        proc.communicate()
+        return f"timed out after {timeout_s:.0f} s"
+    lines = [line for line in out.strip().splitlines() if line.strip()]
+    return f"exit {proc.returncode}: {lines[-1] if lines else err[-500:]}"
 
 
 def row(arch, dtype, memory, compiled, result, peak, long: bool) -> dict:
@@ -136,7 +147,8 @@ def main() -> int:
         return 2
     steps, warmup, trajectory = (2, 1, 3) if args.dry_run else (STEPS, WARMUP, TRAJECTORY)
     backend = "eager" if args.dry_run else "inductor"
-    smoke = smoke_tests()
+    # The smoke tests may take at most 40% of the budget; the measured cells get the rest.
+    smoke = smoke_tests(0.4 * args.budget_s)
     print(f"device_check: smoke tests {smoke}", flush=True)
     rows, results = [], {}
     for arch, config, dtype, memory, compiled in cells(args.dry_run):
