@@ -20,7 +20,7 @@ DEVICES = [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not t
            "cpu"]
 SCENARIO = ("train.zero_stage=2", "train.precision=bf16", "train.memory=invertible",
             "train.activation_checkpointing=res_block", "train.checkpoint_every=10", "train.eval_every=20",
-            "train.log_every=5", "train.ema_decay=0")
+            "train.log_every=5", "train.ema_decay=0.9")  # EMA on: bf16 EMA reads the fp32 masters
 
 
 @pytest.fixture(scope="module", params=DEVICES)
