@@ -1,6 +1,7 @@
 """Trainer pieces against hand-computed values: DeepSpeed config, the paper's L2 groups, schedules,
-Polyak averages, checkpoint sealing and verification."""
+Polyak averages, checkpoint sealing, verification and pruning, the watchdog's per-attempt store keys."""
 import math
+import time
 
 import pytest
 import torch
@@ -136,3 +137,47 @@ def test_train_arguments_take_overrides_before_or_after_flags(argv):
 
     args = parse_args(argv)
     assert (args.config, args.resume, args.overrides) == ("c.yaml", "auto", ["train.steps=3", "train.zero_stage=0"])
+
+
+def test_watchdog_keys_of_a_failed_attempt_do_not_stop_the_restarted_one(monkeypatch):
+    """torchrun --max-restarts can keep one store across restarts: attempt 0's culprit is in it when attempt
+    1's ranks start. A restarted rank (forked child, real TCPStore client) must keep running; rank 0 of
+    attempt 0 published its failure under its own attempt."""
+    import datetime
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from nvp_dist.train import watchdog
+    from nvp_dist.train.distributed import _free_port, attempt_id
+
+    port = _free_port()
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=datetime.timedelta(seconds=10),
+                           wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    first = attempt_id()
+    watchdog.Watchdog(server, 1, 2, peer_timeout_s=60, interval_s=0.05, attempt=first).finished()  # no wait
+    assert watchdog.start(0, 2, peer_timeout_s=60) is not None
+    watchdog.report_failure(2, "bad data")  # attempt 0 fails
+    assert json.loads(server.get(f"nvp-watchdog/{first}/culprit"))["rank"] == 0
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert attempt_id() != first
+    pid = os.fork()
+    if pid == 0:  # rank 1 of attempt 1: it would os._exit(2) on seeing the culprit
+        code = 1
+        try:
+            server = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=10),
+                                   wait_for_workers=False)  # this process's own client, not the parent's
+            dog = watchdog.start(1, 2, peer_timeout_s=5)  # polls every 0.5 s; no rank 0 here: exits 1 after 5 s
+            beats, deadline = f"nvp-watchdog/{attempt_id()}/hb/1", time.monotonic() + 8
+            while server.add(beats, 0) < 4 and time.monotonic() < deadline:  # 3 polls of its thread
+                time.sleep(0.05)
+            code = 0 if server.add(beats, 0) >= 4 else 3
+            dog.stop()
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0

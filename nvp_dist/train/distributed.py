@@ -127,6 +127,16 @@ def job_store(timeout_s: float) -> dist.TCPStore:
                          timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
+def attempt_id() -> str:
+    """Names this attempt of the job in the store's keys. Under torchrun --max-restarts the agent's store can
+    outlive a restart (torch's agent-store rendezvous has, in some versions, kept one store and prefixed its
+    own keys with `/worker/attempt_{restart count}`), so keys a failed attempt left there (its culprit) must not reach the restarted ranks.
+    TORCHELASTIC_RESTART_COUNT is the same on every rank of an attempt (torch relies on that too); the run
+    id (torchrun's --rdzv-id) sets apart jobs sharing one store host. Other launchers start a fresh store."""
+    run, restart = os.environ.get("TORCHELASTIC_RUN_ID", "none"), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return f"{run}/{restart}"
+
+
 def _free_port() -> int:
     import socket
 

@@ -7,7 +7,9 @@ is stuck writing a checkpoint to a full disk, would wait for the process group's
 agent):
 
 - Every rank runs a daemon thread with its own client connection to the store. Every `interval_s` it
-  increments its heartbeat counter `nvp-watchdog/hb/{rank}` and reads the others'.
+  increments its heartbeat counter `nvp-watchdog/{attempt}/hb/{rank}` and reads the others'. Every key is
+  under the attempt (`distributed.attempt_id()`): a store that outlives a torchrun restart keeps the failed
+  attempt's culprit, which must not stop the restarted ranks.
 - A rank that fails (`report_failure`, called by `nvp_dist.train.entry` for any exception) publishes the
   culprit `{"rank", "exit_code", "message"}` (first failure wins), waits up to a few polls for the other
   ranks to acknowledge it (rank 0 hosts the store: its exit would take the news with it), then exits.
@@ -39,8 +41,10 @@ _current: Optional["Watchdog"] = None
 
 
 class Watchdog:
-    def __init__(self, store, rank: int, world_size: int, peer_timeout_s: float, interval_s: float = 1.0):
+    def __init__(self, store, rank: int, world_size: int, peer_timeout_s: float, interval_s: float = 1.0,
+                 attempt: str = "0"):
         self.store, self.rank, self.world = store, rank, world_size
+        self.prefix = f"{PREFIX}{attempt}/"
         self.peer_timeout_s, self.interval_s = peer_timeout_s, interval_s
         self._stop = threading.Event()
         self._store_lock = threading.Lock()  # the thread and report_failure share one client connection
@@ -56,14 +60,14 @@ class Watchdog:
         payload = json.dumps({"rank": self.rank, "exit_code": exit_code, "message": message})
         try:
             with self._store_lock:
-                if self.store.add(PREFIX + "culprits", 1) == 1:
-                    self.store.set(PREFIX + "culprit", payload)
+                if self.store.add(self.prefix + "culprits", 1) == 1:
+                    self.store.set(self.prefix + "culprit", payload)
                     deadline = time.monotonic() + 3 * self.interval_s + 2
-                    while (self.store.add(PREFIX + "seen", 0) < self._live_peers()
+                    while (self.store.add(self.prefix + "seen", 0) < self._live_peers()
                            and time.monotonic() < deadline):
                         time.sleep(self.interval_s / 4)
                 else:  # failed alike (a collective decision, or the same bad input): the first one is named
-                    self.store.add(PREFIX + "seen", 1)
+                    self.store.add(self.prefix + "seen", 1)
         except Exception as err:  # the store's host died too: the peers' heartbeat check takes over
             log.warning("could not publish this failure to the other ranks: %s", err)
 
@@ -72,7 +76,7 @@ class Watchdog:
         self._stop.set()
         self._thread.join()
         try:
-            self.store.add(PREFIX + f"done/{self.rank}", 1)
+            self.store.add(self.prefix + f"done/{self.rank}", 1)
         except Exception:
             pass  # rank 0 (the store) already left: nobody is left to miss us
 
@@ -82,10 +86,10 @@ class Watchdog:
 
     # --- the thread -------------------------------------------------------------------------------------
     def _beat(self) -> None:
-        self.store.add(PREFIX + f"hb/{self.rank}", 1)
+        self.store.add(self.prefix + f"hb/{self.rank}", 1)
 
     def _live_peers(self) -> int:
-        return sum(1 for r in range(self.world) if r != self.rank and not self.store.add(PREFIX + f"done/{r}", 0))
+        return sum(1 for r in range(self.world) if r != self.rank and not self.store.add(self.prefix + f"done/{r}", 0))
 
     def _run(self) -> None:
         now = time.monotonic()
@@ -98,16 +102,16 @@ class Watchdog:
                     if self._stop.is_set():
                         return
                     self._beat()
-                    if self.store.add(PREFIX + "culprits", 0):
-                        culprit = json.loads(self.store.get(PREFIX + "culprit"))
-                        self.store.add(PREFIX + "seen", 1)
+                    if self.store.add(self.prefix + "culprits", 0):
+                        culprit = json.loads(self.store.get(self.prefix + "culprit"))
+                        self.store.add(self.prefix + "seen", 1)
                         self._exit(culprit["exit_code"], f"rank {culprit['rank']} failed (exit code "
                                    f"{culprit['exit_code']}): {culprit['message']}")
                     for r, (count, moved) in list(seen.items()):
-                        if self.store.add(PREFIX + f"done/{r}", 0):
+                        if self.store.add(self.prefix + f"done/{r}", 0):
                             del seen[r]
                             continue
-                        beat = self.store.add(PREFIX + f"hb/{r}", 0)
+                        beat = self.store.add(self.prefix + f"hb/{r}", 0)
                         if beat != count:
                             seen[r] = (beat, now)
                         elif now - moved > self.peer_timeout_s:
@@ -133,10 +137,10 @@ def start(rank: int, world_size: int, peer_timeout_s: float, store_timeout_s: fl
     """Start this process's watchdog (none for a world of one, or a second time)."""
     global _current
     if _current is None and world_size > 1:
-        from nvp_dist.train.distributed import job_store
+        from nvp_dist.train.distributed import attempt_id, job_store
 
         _current = Watchdog(job_store(store_timeout_s), rank, world_size, peer_timeout_s,
-                            interval_s=min(1.0, peer_timeout_s / 10))
+                            interval_s=min(1.0, peer_timeout_s / 10), attempt=attempt_id())
     return _current
 
 
