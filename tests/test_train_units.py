@@ -117,6 +117,20 @@ def test_prune_never_removes_the_new_checkpoint_after_a_fallback(tmp_path):
     assert ckpt.verify(root / "step00000008") is None
 
 
+def test_prune_sets_intact_newer_tags_aside_and_never_rehashes_older_ones(tmp_path):
+    """An explicit resume from step 5 past an intact step 10: the save at step 8 sets step 10 aside (kept,
+    out of `--resume auto`'s reach); an older tag whose bytes changed but not its size stays (no re-hash)."""
+    root = tmp_path / "checkpoints"
+    for step in (3, 5, 10):
+        _seal(root, step, keep=5)
+    f = root / ckpt.tag_for(3) / "weights.pt"
+    f.write_bytes(bytes(reversed(f.read_bytes())))
+    _seal(root, 8, keep=5)
+    assert ckpt.checkpoint_tags(root) == ["step00000008", "step00000005", "step00000003"]
+    assert ckpt.verify(root / "step00000010.superseded") is None
+    assert ckpt.newest_valid(root) == "step00000008"
+
+
 def test_prune_skips_damaged_older_tags_when_counting_kept_ones(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (3, 5, 7):

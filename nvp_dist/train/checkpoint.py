@@ -80,8 +80,9 @@ def write_manifest(d: Path) -> None:
         fsync_dir(sub)
 
 
-def verify(d: Path) -> Optional[str]:
-    """None if `d` is a complete checkpoint, else what is wrong with it."""
+def verify(d: Path, hashes: bool = True) -> Optional[str]:
+    """None if `d` is a complete checkpoint, else what is wrong with it. `hashes=False` checks the manifest,
+    the files and their sizes only: what a truncated or interrupted copy shows, without reading gigabytes."""
     manifest = d / "MANIFEST.json"
     if not manifest.is_file():
         return "no MANIFEST.json (an interrupted save)"
@@ -95,7 +96,7 @@ def verify(d: Path) -> Optional[str]:
             return f"missing {rel}"
         if p.stat().st_size != meta["size"]:
             return f"{rel} has {p.stat().st_size} bytes, manifest says {meta['size']}"
-        if _sha256(p) != meta["sha256"]:
+        if hashes and _sha256(p) != meta["sha256"]:
             return f"{rel} does not match its sha256"
     return None
 
@@ -140,24 +141,29 @@ def finalize(root: Path, step: int, keep: int) -> Path:
 
 
 def prune(root: Path, current: str, keep: int) -> None:
-    """Keep `current` (just written, what `latest` names) and the newest `keep - 1` older tags that verify.
-    Tags newer than `current` are removed: the run resumed from an older step, so they are an abandoned
-    future (damaged ones `--resume auto` fell back past, or a run resumed explicitly from an older tag) that
-    a later `--resume auto` must not jump back to; the re-saved steps replace them. Damaged older tags are
-    removed rather than holding a kept slot. Verifying re-hashes up to `keep - 1` older checkpoints per save
-    (what their own save's manifest cost), and only until enough good ones are found."""
+    """Keep `current` (just written, what `latest` names) and the newest `keep - 1` older tags that look
+    complete. Tags newer than `current` exist only when the run resumed from an older step (damaged ones
+    `--resume auto` fell back past, or an explicit `--resume` of an older tag): a later `--resume auto` must
+    not jump back to them, so damaged ones are removed and intact ones set aside as `<tag>.superseded`
+    (never deleted: they are the user's). Damaged older tags are removed rather than holding a kept slot.
+    The check is `verify(hashes=False)`: a save must not re-read gigabytes of older checkpoints; loading
+    verifies the hashes."""
     wanted = max(keep, 1) - 1
     for tag in checkpoint_tags(root):
         if tag == current:
             continue
-        if tag < current and wanted:  # same-width names: string order is step order
-            problem = verify(root / tag)
-            if problem is None:
-                wanted -= 1
-                continue
-            log.warning("removing checkpoint %s: %s", root / tag, problem)
-        elif tag > current:
-            log.warning("removing checkpoint %s: newer than %s, which this run resumed before", root / tag, current)
+        problem = verify(root / tag, hashes=False)
+        if tag > current and problem is None:  # same-width names: string order is step order
+            aside = root / f"{tag}.superseded"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(root / tag, aside)
+            log.warning("set %s aside as %s: newer than %s, which this run resumed before", root / tag, aside.name,
+                        current)
+            continue
+        if tag < current and wanted and problem is None:
+            wanted -= 1
+            continue
+        log.warning("removing checkpoint %s: %s", root / tag, problem or "beyond train.keep_checkpoints")
         shutil.rmtree(root / tag, ignore_errors=True)
 
 
