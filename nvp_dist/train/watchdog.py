@@ -130,6 +130,9 @@ class Watchdog:
                 stream.flush()
             except Exception:
                 pass
+        from nvp_dist.train.failures import record_exit  # k8s/base/train.sh exits with the ranks' common code
+
+        record_exit(code)
         os._exit(code)
 
 
