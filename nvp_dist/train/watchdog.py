@@ -35,6 +35,8 @@ import threading
 import time
 from typing import Optional
 
+from nvp_dist.train.failures import record_exit
+
 log = logging.getLogger("nvp_dist.train")
 PREFIX = "nvp-watchdog/"
 _current: Optional["Watchdog"] = None
@@ -130,9 +132,7 @@ class Watchdog:
                 stream.flush()
             except Exception:
                 pass
-        from nvp_dist.train.failures import record_exit  # k8s/base/train.sh exits with the ranks' common code
-
-        record_exit(code)
+        record_exit(code)  # k8s/base/train.sh exits with the ranks' common code
         os._exit(code)
 
 
