@@ -1,7 +1,7 @@
 """A real headless Chromium driven over the DevTools protocol, shared by the session (a pytest plugin module).
 
 Test modules that need it say `pytest_plugins = ["tests.chromium_browser"]` and take the `chromium`
-fixture. Debian's `chromium` package is installed by launch/install_chromium.sh when missing. The
+fixture. Debian's `chromium` package is installed by launch/install_debian.sh when missing. The
 protocol goes over aiohttp's websocket client (aiohttp comes with ray[default]; listed in the dev extra):
 no browser download, no driver process, and the tests see every network event the page causes.
 
@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 def ensure_chromium_installed() -> str:
     """The chromium binary, installing Debian's package if missing; fails the test run if that fails."""
     if not shutil.which("chromium"):
-        done = subprocess.run(["bash", str(REPO / "launch" / "install_chromium.sh")], capture_output=True, text=True)
+        done = subprocess.run(["bash", str(REPO / "launch" / "install_debian.sh"), "chromium,chromedriver",
+                             "chromium", "chromium-driver"], capture_output=True, text=True)
         if done.returncode or not shutil.which("chromium"):
             pytest.fail(f"could not install Debian's chromium (root and apt are needed):\n{done.stderr[-2000:]}")
     return shutil.which("chromium")

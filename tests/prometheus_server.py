@@ -10,7 +10,7 @@ register through file-based service discovery, and evaluates the project's alert
 
 `targets()` writes one file_sd file per call (removed on exit), so a test adds scrape targets, such as the
 ranks of a training job it launched, without restarting or reloading the server. Debian's `prometheus`
-package is installed by launch/install_prometheus.sh when missing.
+package is installed by launch/install_debian.sh when missing.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def ensure_prometheus_installed() -> None:
     """Install Debian's prometheus and promtool if either is missing; fail the test run if that fails."""
     if shutil.which("prometheus") and shutil.which("promtool"):
         return
-    done = subprocess.run(["bash", str(REPO / "launch" / "install_prometheus.sh")], capture_output=True, text=True)
+    done = subprocess.run(["bash", str(REPO / "launch" / "install_debian.sh"), "prometheus,promtool", "prometheus"], capture_output=True, text=True)
     if done.returncode or not (shutil.which("prometheus") and shutil.which("promtool")):
         pytest.fail(f"could not install Debian's prometheus package (root and apt are needed):\n{done.stderr[-2000:]}")
 
