@@ -63,5 +63,7 @@ def test_the_demo_chooses_one_rank_on_one_gpu_and_two_cpu_ranks_without(tmp_path
 
 def test_demo_reads_the_choice():
     demo = (ROOT / "launch" / "demo.sh").read_text()
-    assert 'read -r ranks accelerator launch_args <<< "$(python -m nvp_dist.train.distributed)"' in demo
+    # A separate assignment: under `set -e` a failing choice then stops the demo with its own message.
+    assert "choice=$(python -m nvp_dist.train.distributed)" in demo
+    assert 'read -r ranks accelerator launch_args <<< "$choice"' in demo
     assert "deepspeed $launch_args launch/train.py" in demo and "--num_gpus 2" not in demo
