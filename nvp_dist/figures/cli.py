@@ -29,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=8, help="grid side for samples; images for compression/attributes")
     p.add_argument("--indices", type=int, nargs="+",
                    help="evaluation images to use, by position (default: a random choice drawn from --seed)")
-    p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7])
+    p.add_argument("--temperatures", type=float, nargs="+", default=None,
+                   help="sampling temperatures (default: 1 0.7); compression and page take one (default: 1), "
+                        "the temperature of the resampled latents and of the page's samples")
     p.add_argument("--fractions", type=float, nargs="+", default=None,
                    help="compression: fractions of the latents kept (default: the paper's 1 0.5 0.25 0.125 0.0625)")
     p.add_argument("--factors", type=int, nargs="+", default=[2, 10], help="extrapolation size factors")
@@ -41,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="attributes: also decode every row with the attribute vector of evaluation image INDEX")
     p.add_argument("--toy2d", action="store_true", help="page: add the Figure 1 section (trains the toy flow)")
     p.add_argument("--steps", type=int, default=1400, help="toy2d training steps")
-    p.add_argument("--zoom", type=int, default=1, help="enlarge every written image by this factor (nearest)")
+    p.add_argument("--zoom", type=int, default=1,
+                   help="enlarge every written image by this factor (nearest; not page, whose cells are scaled by the browser)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the live weights, not the Polyak averages")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -64,14 +67,25 @@ def _zoom(paths: List[Path], factor: int) -> None:
             frames[0].save(path)
 
 
+def one_temperature(args: argparse.Namespace) -> float:
+    """The single temperature of compression and page: their T is in captions, so two would be ambiguous."""
+    if args.temperatures is None:
+        return 1.0
+    if len(args.temperatures) != 1:
+        raise ValueError(f"figures {args.kind} draws at one temperature; --temperatures gave {args.temperatures}")
+    return args.temperatures[0]
+
+
 def draw(args: argparse.Namespace) -> List[Path]:
     from nvp_dist import figures
     from nvp_dist.config import load_config
     from nvp_dist.figures.compression import PAPER_FRACTIONS
     from nvp_dist.figures.examples import choose_images, eval_images
+    from nvp_dist.figures.page import safe_tag
     from nvp_dist.train.export import load_inference_model
 
     out = Path(args.out)
+    temperatures = args.temperatures or [1.0, 0.7]
     if args.kind == "toy2d":
         return [figures.toy2d(out_dir=out, tag="toy2d", steps=args.steps, seed=args.seed).path]
     if not args.checkpoint:
@@ -80,14 +94,20 @@ def draw(args: argparse.Namespace) -> List[Path]:
     if args.kind == "page":
         from nvp_dist.figures.page import PageOptions, write_page
 
-        options = PageOptions(n=args.n, temperature=args.temperatures[0], fractions=tuple(args.fractions or PAPER_FRACTIONS),
+        # The page's images and bits/dim are the evaluation split's, and the browser sizes its cells.
+        if args.split is not None:
+            raise ValueError("figures page shows the evaluation split (data.eval_split); set it with "
+                             "--config and data.eval_split=..., not --split")
+        if args.zoom != 1:
+            raise ValueError("figures page does not take --zoom: the page scales its cells itself")
+        options = PageOptions(n=args.n, temperature=one_temperature(args), fractions=tuple(args.fractions or PAPER_FRACTIONS),
                               indices=args.indices, m=args.m, frames=args.frames, seed=args.seed,
                               use_ema=not args.no_ema, device=args.device, toy2d=args.toy2d, toy2d_steps=args.steps)
         return [write_page(args.checkpoint, out, options, config=cfg)]
     if len(args.checkpoint) > 1:
         raise ValueError(f"figures {args.kind} draws one model; got {len(args.checkpoint)} --checkpoint")
     model, cfg, step = load_inference_model(args.checkpoint[0], use_ema=not args.no_ema, device=args.device, config=cfg)
-    tag = f"{cfg.name}-step{step}"
+    tag = safe_tag(f"{cfg.name}-step{step}")
     split = args.split or cfg.data.eval_split
     common = dict(out_dir=out, tag=tag)
 
@@ -96,25 +116,26 @@ def draw(args: argparse.Namespace) -> List[Path]:
 
     if args.kind == "samples":
         data, cond = pick(args.n * args.n)
-        found = figures.samples(model, data, n=args.n, temperatures=args.temperatures, cond=cond, seed=args.seed, **common)
+        found = figures.samples(model, data, n=args.n, temperatures=temperatures, cond=cond, seed=args.seed, **common)
     elif args.kind == "extrapolate":
         cond = None
         if cfg.model.cond_dim:  # a conditional model draws under the attributes of random evaluation images
             cond = pick(args.n * args.n)[1]
-        found = figures.extrapolate(model, n=args.n, factors=args.factors, temperatures=args.temperatures, cond=cond,
+        found = figures.extrapolate(model, n=args.n, factors=args.factors, temperatures=temperatures, cond=cond,
                                     seed=args.seed, **common)
     elif args.kind == "compression":
+        t = one_temperature(args)
         data, cond = pick(args.n)
         fig = figures.compression(model, data, fractions=args.fractions or PAPER_FRACTIONS, cond=cond,
-                                  seed=args.seed, **common)
+                                  temperature=t, seed=args.seed, **common)
+        print(f"nvp-dist figures compression: resampled latents drawn at T = {t:g}", file=sys.stderr)
         if fig.note:
             print(f"nvp-dist figures compression: {fig.note}", file=sys.stderr)
         found = [fig]
     elif args.kind == "manifold":
-        data, cond = pick(8)
-        found = [figures.manifold(model, data[:4], m=args.m, cond=None if cond is None else cond[0], **common),
-                 figures.manifold_animation(model, data, m=args.m, frames=args.frames,
-                                            cond=None if cond is None else cond[0], **common)]
+        data, cond = pick(8)  # a conditional model encodes every example with its own vector
+        found = [figures.manifold(model, data[:4], m=args.m, cond=None if cond is None else cond[:4], **common),
+                 figures.manifold_animation(model, data, m=args.m, frames=args.frames, cond=cond, **common)]
     else:  # attributes
         from nvp_dist.data import read_manifest
 

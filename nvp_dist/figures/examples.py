@@ -19,13 +19,10 @@ def default_indices(split_size: int, n: int, seed: int) -> List[int]:
     return torch.randperm(split_size, generator=g)[:n].tolist()
 
 
-def eval_images(cfg, split: str, indices: Sequence[int]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The images (uint8 [n, C, H, W]) and conditioning (or None) at these positions of `split`, in the
-    order given; reading stops at the largest position."""
+def _read(cfg, split: str, indices: Sequence[int]):
+    """({position: image}, {position: cond}, valid images read): reading stops past the largest position."""
     from nvp_dist.data import eval_batches
 
-    if not indices or min(indices) < 0:
-        raise ValueError(f"indices must be non-negative positions in the split; got {list(indices)}")
     wanted, last = set(indices), max(indices)
     found, conds, seen = {}, {}, 0
     for batch in eval_batches(cfg.data, split, batch_size=64):
@@ -39,19 +36,41 @@ def eval_images(cfg, split: str, indices: Sequence[int]) -> Tuple[torch.Tensor, 
         seen += len(images)
         if seen > last:
             break
-    if seen <= last:
-        raise ValueError(f"split {split!r} has only {seen} images; index {last} asked for")
+    return found, conds, seen
+
+
+def eval_images(cfg, split: str, indices: Sequence[int]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The images (uint8 [n, C, H, W]) and conditioning (or None) at these positions of `split`, in the
+    order given; reading stops at the largest position."""
+    if not indices or min(indices) < 0:
+        raise ValueError(f"indices must be non-negative positions in the split; got {list(indices)}")
+    found, conds, seen = _read(cfg, split, indices)
+    if seen <= max(indices):
+        raise ValueError(f"split {split!r} has only {seen} images; index {max(indices)} asked for")
+    return _stack(found, conds, indices)
+
+
+def _stack(found, conds, indices):
     x = torch.stack([found[i] for i in indices])
     return x, (torch.stack([conds[i] for i in indices]) if conds else None)
 
 
 def choose_images(cfg, split: str, n: int, indices: Optional[Sequence[int]], seed: int):
-    """(indices, images, cond): the given `indices` (exactly n of them), else n drawn from `seed`."""
+    """(indices, images, cond): the given `indices` (exactly n of them), else n drawn from `seed`.
+
+    The manifest counts bad samples too, which evaluation skips: when a draw over that count lands past
+    the valid images, it is drawn again over the valid count that reading found (same seed, same result
+    on every machine)."""
     from nvp_dist.data import read_manifest
 
-    if indices is None:
-        indices = default_indices(read_manifest(cfg.data.path).num_samples(split), n, seed)
-    elif len(indices) != n:
-        raise ValueError(f"this figure shows {n} images; --indices gave {len(indices)}")
-    images, cond = eval_images(cfg, split, indices)
-    return list(indices), images, cond
+    if indices is not None:
+        if len(indices) != n:
+            raise ValueError(f"this figure shows {n} images; --indices gave {len(indices)}")
+        images, cond = eval_images(cfg, split, indices)
+        return list(indices), images, cond
+    indices = default_indices(read_manifest(cfg.data.path).num_samples(split), n, seed)
+    found, conds, seen = _read(cfg, split, indices)
+    if seen <= max(indices):
+        indices = default_indices(seen, n, seed)
+        found, conds, seen = _read(cfg, split, indices)
+    return list(indices), *_stack(found, conds, indices)

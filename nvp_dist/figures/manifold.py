@@ -61,16 +61,36 @@ def _expand(cond: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
     return None if cond is None else cond.reshape(1, -1).expand(n, -1)
 
 
+def _sources_cond(cond: Optional[torch.Tensor], k: int) -> Optional[torch.Tensor]:
+    """[k, cond_dim] per source image: its own row of a [k, cond_dim] cond, or one shared [cond_dim]."""
+    if cond is None or cond.dim() == 1:
+        return _expand(cond, k)
+    if cond.shape[0] != k:
+        raise ValueError(f"cond must be [{k}, cond_dim] (one per image) or [cond_dim]; got {tuple(cond.shape)}")
+    return cond.float()
+
+
+def _points_cond(cond: Optional[torch.Tensor], weights: torch.Tensor) -> Optional[torch.Tensor]:
+    """The conditioning of every grid point. Shared: that vector. Per image: the blend of the sources'
+    vectors by the squared sphere weights, which are >= 0 and sum to 1 on the sphere, so a point lies among
+    its sources' attributes (a soft class between one-hot ones) and a source cell gets its own vector."""
+    if cond is None or cond.dim() == 1:
+        return _expand(cond, weights.shape[0])
+    return (weights.to(torch.float64) ** 2).to(cond.device).float() @ cond.float()
+
+
 def manifold(model: nn.Module, images: torch.Tensor, m: int = 8, out_dir: PathLike = ".", tag: str = "model",
              cond: Optional[torch.Tensor] = None, batch_size: int = 64, padding: int = 2) -> Figure:
     """`{tag}-manifold.png`: Equation 19 through four uint8 images [4, C, H, W] on an m x m grid.
 
-    `cond` [cond_dim], for a conditional model, is shared by the four images and every grid point.
+    `cond`, for a conditional model: [4, cond_dim], each image's own vector (a grid point decodes under the
+    blend of its sources' vectors, see _points_cond), or [cond_dim] shared by all.
     Figure.images: uint8 [m, m, C, H, W], rows phi', columns phi; [0, 0] decodes z1.
     """
     _check(images, 4, m)
-    zs = encode(model, images, _expand(cond, 4))
-    grid = decode(model, _mix(zs, sphere_weights(m)), _expand(cond, m * m), batch_size)
+    zs = encode(model, images, _sources_cond(cond, 4))
+    weights = sphere_weights(m)
+    grid = decode(model, _mix(zs, weights), _points_cond(cond, weights), batch_size)
     path = save_png(image_grid(grid, m, padding, frames=_source_cells(m)), figure_path(out_dir, tag, "manifold.png"))
     return Figure(path, grid.view(m, m, *grid.shape[1:]))
 
@@ -79,17 +99,18 @@ def manifold_animation(model: nn.Module, images: torch.Tensor, m: int = 8, frame
                        out_dir: PathLike = ".", tag: str = "model", cond: Optional[torch.Tensor] = None,
                        batch_size: int = 64, padding: int = 2, duration_ms: int = 120) -> Figure:
     """`{tag}-manifold.gif`: the three-angle sphere through eight uint8 images [8, C, H, W], one m x m
-    grid per frame (see the module docstring). Decodes frames * m * m images.
+    grid per frame (see the module docstring). Decodes frames * m * m images. `cond` as for `manifold`,
+    with [8, cond_dim] for per-image vectors.
     Figure.images: uint8 [frames, m, m, C, H, W].
     """
     _check(images, 8, m, frames)
-    zs = encode(model, images, _expand(cond, 8))
+    zs = encode(model, images, _sources_cond(cond, 8))
     inner = sphere_weights(m)
     decoded, pictures = [], []
     for t in range(frames):
         phi = 2 * math.pi * t / frames
         weights = torch.cat([math.cos(phi) * inner, math.sin(phi) * inner], dim=1)
-        grid = decode(model, _mix(zs, weights), _expand(cond, m * m), batch_size)
+        grid = decode(model, _mix(zs, weights), _points_cond(cond, weights), batch_size)
         sources = _source_cells(m) if 4 * t in (0, frames) else []
         decoded.append(grid.view(m, m, *grid.shape[1:]))
         pictures.append(image_grid(grid, m, padding, frames=sources))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,26 +59,47 @@ class Row:
     notes: List[str]
 
 
-def run_eval_record(checkpoint: PathLike, step: int, images: int) -> Optional[Tuple[dict, Path]]:
-    """The run's own evaluation of this step over the whole split (`images` of them), when the run
-    directory beside the checkpoint (model_fp32.pt, checkpoints/, checkpoints/TAG or the run dir) logged one."""
+def run_dir(checkpoint: PathLike) -> Optional[Path]:
+    """The run directory a checkpoint belongs to: model_fp32.pt's folder, checkpoints/TAG/../.., the parent
+    of checkpoints/, or a run dir itself; None for a checkpoint outside any run layout."""
     path = Path(checkpoint).resolve()
-    for folder in [path, *path.parents][:4]:
-        metrics = folder / "metrics.jsonl"
-        if metrics.is_file():
-            found = None
-            for line in metrics.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a killed run
-                if record.get("event") == "eval" and record.get("step") == step and record.get("images") == images:
-                    found = record  # a resumed run evaluates a step again: the last word counts
-            return (found, metrics) if found else None
+    if path.is_file():
+        return path.parent
+    if path.name == "checkpoints":
+        return path.parent
+    if path.parent.name == "checkpoints":
+        return path.parent.parent
+    if (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file():
+        return path
     return None
 
 
-def row_bits_per_dim(model, cfg, checkpoint: PathLike, step: int, use_ema: bool) -> Tuple[float, str]:
+def run_eval_record(checkpoint: PathLike, step: int, images: int, split: str, data: str,
+                    recorded_config: bool = True) -> Optional[Tuple[dict, Path]]:
+    """The last evaluation the checkpoint's own run logged for this step, split and image count (and data
+    path, when the record names one). A record without a split is the run's configured evaluation split,
+    so it only counts when the figures use the run's own config (`recorded_config`)."""
+    folder = run_dir(checkpoint)
+    metrics = None if folder is None else folder / "metrics.jsonl"
+    if metrics is None or not metrics.is_file():
+        return None
+    found = None
+    for line in metrics.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed run
+        if not isinstance(record, dict) or record.get("event") != "eval":
+            continue
+        same_split = record.get("split") == split if "split" in record else recorded_config
+        same_data = "data" not in record or record["data"] == data
+        if record.get("step") == step and record.get("images") == images and same_split and same_data:
+            found = record  # a resumed run evaluates a step again: the last word counts
+    return (found, metrics) if found else None
+
+
+def row_bits_per_dim(model, cfg, checkpoint: PathLike, step: int, use_ema: bool,
+                     recorded_config: bool = True) -> Tuple[float, str]:
     """(bits/dim on the evaluation split, where it came from): the run's metrics when they hold this step
     evaluated over the whole split with the same weights, else computed now with a progress bar."""
     from nvp_dist.data import read_manifest
@@ -88,12 +110,19 @@ def row_bits_per_dim(model, cfg, checkpoint: PathLike, step: int, use_ema: bool)
     size = read_manifest(cfg.data.path).num_samples(split)
     # The trainer evaluates its Polyak averages when it keeps them: only then is its number this model's.
     if use_ema or not cfg.train.ema_decay:
-        found = run_eval_record(checkpoint, step, size)
+        found = run_eval_record(checkpoint, step, size, split, str(cfg.data.path), recorded_config)
         if found:
             return float(found[0]["bits_per_dim"]), f"from {found[1].name}, {size} {split} images"
     env = replace(read_env(), rank=0, world_size=1, device=next(model.buffers()).device)
     result = evaluate(model, cfg, env, progress=True)
     return result["bits_per_dim"], f"computed on {result['images']} {split} images"
+
+
+def safe_tag(name: str) -> str:
+    """A config name made one harmless file-name component: the checkpoint is the user's (hostile), and
+    its name must not lead a path out of --out (`/`, `..`) or carry control characters."""
+    tag = re.sub(r"[^A-Za-z0-9._+=-]", "_", name).lstrip(".")
+    return tag or "model"
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -107,14 +136,14 @@ def draw_row(checkpoint: PathLike, out: Path, options: PageOptions, config=None,
     from nvp_dist.train.export import load_inference_model
 
     model, cfg, step = load_inference_model(checkpoint, use_ema=options.use_ema, device=options.device, config=config)
-    tag = f"{cfg.name}-step{step}"
+    tag = safe_tag(f"{cfg.name}-step{step}")
     tag = tag if tag not in taken else f"{tag}-{len(taken)}"
     folder = out / tag
     split, n, t = cfg.data.eval_split, options.n, options.temperature
     if n < 3:
         raise ValueError("the page needs n >= 3: the manifold animation is spanned by eight examples")
     indices, images, cond = choose_images(cfg, split, n * n, options.indices, options.seed)
-    bpd, source = row_bits_per_dim(model, cfg, checkpoint, step, options.use_ema)
+    bpd, source = row_bits_per_dim(model, cfg, checkpoint, step, options.use_ema, recorded_config=config is None)
     print(f"nvp-dist figures page: {tag}: {bpd:.4f} bits/dim ({source})", file=sys.stderr)
 
     def c(k: int):
@@ -126,9 +155,8 @@ def draw_row(checkpoint: PathLike, out: Path, options: PageOptions, config=None,
     twice = extrapolate(model, n=2, factors=(2,), temperatures=(t,), cond=c(4), **common)[0]
     tenfold = extrapolate(model, n=1, factors=(10,), temperatures=(t,), cond=c(1), **common)[0]
     loss = compression(model, images[:4], fractions=options.fractions, temperature=t, cond=c(4), **common)
-    one = None if cond is None else cond[0]
-    still = manifold(model, images[:4], m=options.m, cond=one, out_dir=folder, tag=tag)
-    moving = manifold_animation(model, images[:8], m=options.m, frames=options.frames, cond=one, out_dir=folder, tag=tag)
+    still = manifold(model, images[:4], m=options.m, cond=c(4), out_dir=folder, tag=tag)
+    moving = manifold_animation(model, images[:8], m=options.m, frames=options.frames, cond=c(8), out_dir=folder, tag=tag)
 
     size = cfg.model.image_size
     latent_sizes = [math.prod(shape) for shape in model.latent_shapes(size, size)]
@@ -138,7 +166,7 @@ def draw_row(checkpoint: PathLike, out: Path, options: PageOptions, config=None,
         (sampled.path, sampled.path, f"{n * n} samples, T = {t:g}"),
         (twice.path, twice.path, f"{2 * size}x{2 * size}, T = {t:g}"),
         (tenfold.path, tenfold.path, f"{10 * size}x{10 * size}, T = {t:g}"),
-        (loss.path, loss.path, f"latents kept: {shown}; examples {', '.join(map(str, indices[:4]))}"),
+        (loss.path, loss.path, f"latents kept: {shown}; resampled at T = {t:g}; examples {', '.join(map(str, indices[:4]))}"),
         (still.path, moving.path, f"examples {', '.join(map(str, indices[:4]))} (animation: {', '.join(map(str, indices[:8]))})"),
     ]
     dataset = read_manifest(cfg.data.path).dataset
@@ -162,11 +190,19 @@ a.manifold:hover .moving, a.manifold:focus .moving, a.manifold.playing .moving {
 """
 
 # First tap on a touch screen plays the animation instead of following the link; the next tap follows it.
+# A tap anywhere else (or leaving the link) stops it, so at most one animation plays.
 SCRIPT = """
-document.querySelectorAll("a.manifold").forEach(function (a) {
+var manifolds = document.querySelectorAll("a.manifold");
+document.addEventListener("touchstart", function (e) {
+  manifolds.forEach(function (a) {
+    if (a.classList.contains("playing") && !a.contains(e.target)) { a.classList.remove("playing"); }
+  });
+});
+manifolds.forEach(function (a) {
   a.addEventListener("touchstart", function (e) {
     if (!a.classList.contains("playing")) { a.classList.add("playing"); e.preventDefault(); }
   });
+  a.addEventListener("blur", function () { a.classList.remove("playing"); });
 });
 """
 
@@ -203,7 +239,7 @@ on: latents of twice and ten times the size give a "texture" of the data set rat
 <p>The inference model f = g<sup>-1</sup> reorganises a data point x into feature vectors
 f(x) = (z<sup>(1)</sup>, ..., z<sup>(L)</sup>), from local to global. From left to right, the columns keep
 the coarsest latents holding {fractions} of the variables and replace the others with resampled versions
-&epsilon;<sup>(k)</sup>; a model with fewer scales shows the fractions it has, as its row notes.</p>
+&epsilon;<sup>(k)</sup>, drawn at temperature T = {options.temperature:g}; a model with fewer scales shows the fractions it has, as its row notes.</p>
 <h3>Manifold</h3>
 <p>Eight examples x<sub>1</sub>, ..., x<sub>8</sub> and their latents z<sub>i</sub> = f(x<sub>i</sub>) span a
 sphere in the latent space, parametrised by three angles: z = cos(&phi;) S(z<sub>1</sub>..z<sub>4</sub>) +

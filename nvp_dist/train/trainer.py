@@ -252,7 +252,9 @@ class Trainer:
             log.info("eval step %d: %s bits/dim on %d %s images (%s)", self.step, f"{result['bits_per_dim']:.4f}",
                      result["images"], self.cfg.data.eval_split, grid)
             if record:
-                self._record({"event": "eval", **result})
+                # split and data: `figures page` takes the number only for the same images
+                self._record({"event": "eval", "split": self.cfg.data.eval_split, "data": str(self.cfg.data.path),
+                              **result})
         return result
 
     def _sample_cond(self, n: int) -> Optional[torch.Tensor]:
