@@ -23,6 +23,6 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / ranks > 0 ? $(nproc) / 
 deepspeed $launch_args launch/train.py --config configs/default.yaml "train.out_dir=$OUT" --resume auto "$@"
 echo "demo: run directory $OUT (samples/, checkpoints/, metrics.jsonl, model_fp32.pt)"
 # The authors' visualisation page for this model (its test bits/dim read from metrics.jsonl): open it
-# from disk in any browser. About a minute on 2 CPU cores.
+# from disk in any browser. About 4-15 s on 2 CPU cores.
 nvp-dist figures page --checkpoint "$OUT/model_fp32.pt" --out "$OUT/page"
 echo "demo: visualisation page $OUT/page/index.html"
