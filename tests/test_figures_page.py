@@ -24,6 +24,7 @@ from tests.launch_helpers import DEBUG, ROOT
 pytest_plugins = ["tests.chromium_browser"]
 
 STEPS = 150
+SEED_SECTIONS = ["Samples", "Extrapolation", "Information loss", "Manifold"]  # the seed page's ### headings
 SEED_COLUMNS = ["Examples", "Samples", "Samples (twice as large)", "Samples (ten times as large)",
                 "Information loss", "Manifold (hover over for animation)"]
 
@@ -50,8 +51,12 @@ def trained_run(digits_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     torch.save({"format_version": FORMAT_VERSION, "config": to_yaml(cfg), "step": STEPS,
                 "model": model.state_dict(), "ema": None}, run / "model_fp32.pt")
+    # A resumed run evaluated the step again (the last record counts); a record of another split is not it.
     records = [{"event": "eval", "step": STEPS - 50, "bits_per_dim": 9.0, "images": 360},
-               {"event": "eval", "step": STEPS, "bits_per_dim": result["bits_per_dim"], "images": 360}]
+               {"event": "eval", "step": STEPS, "bits_per_dim": 8.0, "images": 360, "split": "test"},
+               {"event": "eval", "step": STEPS, "bits_per_dim": result["bits_per_dim"], "images": 360, "split": "test",
+                "data": str(cfg.data.path)},
+               {"event": "eval", "step": STEPS, "bits_per_dim": 7.0, "images": 360, "split": "train"}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return run, result["bits_per_dim"]
 
@@ -85,10 +90,19 @@ def test_rows_carry_the_runs_numbers(page, trained_run):
     assert "from metrics.jsonl, 360 test images" in text and "computed on 360 test images" in text
     assert "bits/dim on test" in stderr  # the progress bar of the row it had to compute
     # what the reader needs to know: temperature, fractions (and what 2 scales could not show), examples
-    assert text.count("T = 0.7") == 2 * 3 + 1 and "latents kept: 100%, 50%;" in text
+    # T: three sample cells and the information-loss cell per row, the Samples and Information loss sections
+    assert text.count("T = 0.7") == 2 * 4 + 2 and "latents kept: 100%, 50%; resampled at T = 0.7;" in text
+    assert re.search(r"Information loss</h3>\s*<p>[^<]*(<[^h][^<]*)*drawn at temperature T = 0.7", text)
     assert "25%, 12.5%, 6.25% not shown: this model has 2 scales" in text
     assert re.search(r"test images (\d+, ){15}\d+<", text)
     assert "Test log-likelihood" in text
+
+
+def test_headings_follow_the_seed_page(page):
+    out, _ = page
+    text = (out / "index.html").read_text()
+    assert re.findall(r"<h2>([^<]*)</h2>", text) == ["Visualization"]
+    assert re.findall(r"<h3>([^<]*)</h3>", text) == SEED_SECTIONS + ["Figure 1: two moons"]
 
 
 def test_page_in_headless_chromium(page, chromium, tmp_path):
@@ -131,6 +145,10 @@ def test_page_in_headless_chromium(page, chromium, tmp_path):
         tab.send("Input.dispatchTouchEvent", type="touchEnd", touchPoints=[])
         assert tab.evaluate(second)[0].endswith("-manifold.gif")
         assert tab.evaluate("location.href") == (out / "index.html").resolve().as_uri()
+        # A tap elsewhere on the page stops it again.
+        tab.send("Input.dispatchTouchEvent", type="touchStart", touchPoints=[{"x": 2, "y": 2}])
+        tab.send("Input.dispatchTouchEvent", type="touchEnd", touchPoints=[])
+        assert tab.evaluate(second)[0].endswith("-manifold.png")
         tab.send("Emulation.setTouchEmulationEnabled", enabled=False)
         tab.evaluate("window.scrollTo(0, 0)")
 

@@ -5,7 +5,8 @@ Information loss, Manifold), then its four explanatory sections, and Figure 1 on
 The site is self-contained: every image is a file beside index.html, referenced by a relative path, with
 no script, style or font from anywhere else, so it opens from disk or any static host. The manifold cell
 shows Equation 19's still grid and swaps in the animated eight-image sphere while the pointer is over it,
-while it has keyboard focus, or after a first tap on a touch screen (a second tap follows the link).
+while it has keyboard focus, or after a first tap on a touch screen (a second tap follows the link, a tap
+elsewhere stops it).
 """
 from __future__ import annotations
 
