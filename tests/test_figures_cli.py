@@ -73,18 +73,6 @@ def test_indices_pick_those_evaluation_images(exported, digits_dir, tmp_path):
     assert not np.array_equal(default[2:10, 2:10], first[0, 0].numpy())
 
 
-def test_attributes_from_another_images_vector(digits_dir, tmp_path):
-    from nvp_dist.figures.examples import eval_images
-
-    cfg = load_config(DEBUG, [f"data.path={digits_dir}", "data.cond=class", "model.cond_dim=10"])
-    model = export_random(cfg, tmp_path / "class.pt")
-    proc = figures("attributes", "--checkpoint", model, "--out", tmp_path, "--n", 2, "--flip", "3",
-                   "--indices", 0, 1, "--attributes-from", 7)
-    assert proc.returncode == 0, proc.stderr
-    img = Image.open(tmp_path / "debug-step7-attributes.png")
-    assert img.size == (4 * 8 + 5 * 2, 2 * 8 + 3 * 2)  # image, reconstruction, class 3, image 7's class
-
-
 def test_attributes_needs_a_conditional_model(exported, tmp_path):
     proc = figures("attributes", "--checkpoint", exported, "--out", tmp_path)
     assert proc.returncode == 2 and "data.cond=attributes" in proc.stderr
