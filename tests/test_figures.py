@@ -222,7 +222,9 @@ def test_toy2d_approaches_a_cross_validated_kde(tmp_path):
     assert result.gaussian_test_ll == pytest.approx(gaussian, rel=1e-9)
     print(f"toy2d test log-likelihood {result.test_ll:.3f} nats/point, KDE {kde:.3f} "
           f"(bandwidth {search.best_params_['bandwidth']:.3f}), Gaussian {gaussian:.3f}; {result.seconds:.0f} s")
-    assert result.test_ll > kde - 0.1, (result, kde)
+    # The README's flow is 0.013 nats/point short of the KDE; the 0.04 margin fails a flow trained at the
+    # earlier rate of 3e-3 (-0.400 against -0.350), whose f(x) was streaked and f^-1(z) bridged the moons.
+    assert result.test_ll > kde - 0.04, (result, kde)
     assert abs(result.train_ll - result.test_ll) < 0.1
     assert result.path.name == "toy-toy2d.png" and _open(result.path, "PNG").size == (640, 640)
 
