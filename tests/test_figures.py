@@ -161,7 +161,7 @@ def test_attributes_flip_columns(tmp_path):
 
 
 def test_attributes_decode_with_another_images_vector(tmp_path):
-    from nvp_dist.figures.latents import decode, encode
+    from nvp_dist.figures.latents import encode
 
     names = ["Smiling", "Male", "Young"]
     model = random_model(small_cfg(3, 8, 2, cond_dim=3), dtype=torch.float32)
@@ -171,15 +171,14 @@ def test_attributes_decode_with_another_images_vector(tmp_path):
     fig = attributes(model, imgs, cond, names, ["Male"], out_dir=tmp_path, tag="t", cond_from=donor)
     assert fig.images.shape == (3, 4, 3, 8, 8)
     # Decoded with the donor's vector: encoding those images with that vector gives back the rows' latents
-    # (to the 8-bit quantisation of the decoded pixels), and with the rows' own vectors it does not.
-    # Decoding those latents again with the donor's vector is then exactly the same images.
+    # (to the 8-bit quantisation of the decoded pixels), and with the rows' own vectors it does not. The exact
+    # check, decode(encode(x, own), donor), is tests/test_figure_options.py's.
     zs, back = encode(model, imgs, cond), encode(model, fig.images[:, 3], donor.expand(3, -1))
     wrong = encode(model, fig.images[:, 3], cond)
     def gap(a, b):
         return torch.cat([(x - y).abs().flatten() for x, y in zip(a, b)]).mean().item()
 
     assert gap(zs, back) < 0.02 and gap(zs, wrong) > 4 * gap(zs, back)  # measured 0.009 and 0.059
-    assert torch.equal(decode(model, back, donor.expand(3, -1)), fig.images[:, 3])
     with pytest.raises(ValueError, match="one attribute vector"):
         attributes(model, imgs, cond, names, [], out_dir=tmp_path, tag="t", cond_from=cond)
 
