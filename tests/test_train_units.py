@@ -195,3 +195,39 @@ def test_watchdog_keys_of_a_failed_attempt_do_not_stop_the_restarted_one(monkeyp
         finally:
             os._exit(code)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+def test_watchdog_watches_one_peer_round_the_ring_and_names_a_vanished_one_to_all():
+    """World of 4 on a real TCPStore: rank 3 watches rank 0 only (finished ranks are skipped), rank 1 never
+    beats and is not its business; rank 0, which never beats either, is published as the culprit with
+    code 1 by its watcher (forked, since the watchdog ends its process with os._exit)."""
+    import datetime
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from nvp_dist.train import watchdog
+    from nvp_dist.train.distributed import _free_port
+
+    port = _free_port()
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=datetime.timedelta(seconds=10),
+                           wait_for_workers=False)
+    server.add("nvp-watchdog/t/hb/2", 1)
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=10),
+                                   wait_for_workers=False)
+            dog = watchdog.Watchdog(client, 3, 4, peer_timeout_s=0.5, interval_s=0.05, attempt="t")
+            assert dog._watched() == 0
+            client.add("nvp-watchdog/t/done/0", 1)
+            assert dog._watched() == 1  # rank 0 finished: the next one round the ring
+            client.add("nvp-watchdog/t/done/0", -1)
+            time.sleep(5)  # the watchdog's os._exit(1) ends this child first
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 1
+    culprit = json.loads(server.get("nvp-watchdog/t/culprit"))
+    assert culprit["rank"] == 0 and culprit["exit_code"] == 1 and "no heartbeat" in culprit["message"]

@@ -7,7 +7,10 @@ is stuck writing a checkpoint to a full disk, would wait for the process group's
 agent):
 
 - Every rank runs a daemon thread with its own client connection to the store. Every `interval_s` it
-  increments its heartbeat counter `nvp-watchdog/{attempt}/hb/{rank}` and reads the others'. Every key is
+  increments its heartbeat counter `nvp-watchdog/{attempt}/hb/{rank}` and reads ONE peer's: the next
+  unfinished rank round the ring. The store (rank 0's process) then serves O(world) requests a second, not
+  O(world^2), which matters at hundreds of ranks; a vanished rank's watcher publishes it as the culprit,
+  so the others hear of it at their next poll, not after their own timeouts in turn. Every key is
   under the attempt (`distributed.attempt_id()`): a store that outlives a torchrun restart keeps the failed
   attempt's culprit, which must not stop the restarted ranks.
 - A rank that fails (`report_failure`, called by `nvp_dist.train.entry` for any exception) publishes the
@@ -16,8 +19,9 @@ agent):
 - A rank that sees a culprit logs its rank and message and exits at once (os._exit: its main thread may be
   blocked in a collective) with the culprit's exit code: 2 (data/config) stays 2 on every rank, so a
   scheduler does not retry a job that cannot succeed.
-- A peer whose heartbeat has not moved for `peer_timeout_s` (SIGKILLed, its pod deleted, its node gone,
-  its process hung without the GIL) counts as dead, and so does a store unreachable for that long: exit 1.
+- A watched peer whose heartbeat has not moved for `peer_timeout_s` (SIGKILLed, its pod deleted, its node
+  gone, its process hung without the GIL) counts as dead: its watcher publishes it as the culprit (exit
+  code 1). A store unreachable for that long: exit 1.
   This gives a Kubernetes Job of one pod per node whole-group semantics: when one pod is killed, the
   others exit within `peer_timeout_s` and the Job's failure policy sees every pod fail (k8s/).
 - A rank that finished marks itself done; its silence afterwards is not a failure.
@@ -93,10 +97,17 @@ class Watchdog:
     def _live_peers(self) -> int:
         return sum(1 for r in range(self.world) if r != self.rank and not self.store.add(self.prefix + f"done/{r}", 0))
 
+    def _watched(self) -> Optional[int]:
+        """The next rank round the ring that has not finished (None when every other rank has)."""
+        for k in range(1, self.world):
+            r = (self.rank + k) % self.world
+            if not self.store.add(self.prefix + f"done/{r}", 0):
+                return r
+        return None
+
     def _run(self) -> None:
-        now = time.monotonic()
-        seen = {r: (-1, now) for r in range(self.world) if r != self.rank}  # rank -> (counter, when it moved)
-        store_ok = now
+        watching, count, moved = None, -1, time.monotonic()  # the watched rank, its counter, when it moved
+        store_ok = moved
         while not self._stop.wait(self.interval_s):
             now = time.monotonic()
             try:
@@ -109,16 +120,17 @@ class Watchdog:
                         self.store.add(self.prefix + "seen", 1)
                         self._exit(culprit["exit_code"], f"rank {culprit['rank']} failed (exit code "
                                    f"{culprit['exit_code']}): {culprit['message']}")
-                    for r, (count, moved) in list(seen.items()):
-                        if self.store.add(self.prefix + f"done/{r}", 0):
-                            del seen[r]
-                            continue
-                        beat = self.store.add(self.prefix + f"hb/{r}", 0)
-                        if beat != count:
-                            seen[r] = (beat, now)
-                        elif now - moved > self.peer_timeout_s:
-                            self._exit(1, f"rank {r} sent no heartbeat for {now - moved:.0f} s "
-                                          f"(train.peer_timeout_s={self.peer_timeout_s:g}): killed, or hung")
+                    r = self._watched()
+                    beat = self.store.add(self.prefix + f"hb/{r}", 0) if r is not None else -1
+                    if r != watching or beat != count:
+                        watching, count, moved = r, beat, now
+                    elif r is not None and now - moved > self.peer_timeout_s:
+                        why = (f"sent no heartbeat for {now - moved:.0f} s (train.peer_timeout_s="
+                               f"{self.peer_timeout_s:g}): killed, or hung")
+                        if self.store.add(self.prefix + "culprits", 1) == 1:  # tell every rank, not just this one
+                            self.store.set(self.prefix + "culprit",
+                                           json.dumps({"rank": r, "exit_code": 1, "message": why}))
+                        self._exit(1, f"rank {r} {why}")
                 store_ok = now
             except Exception as err:
                 if now - store_ok > self.peer_timeout_s:
