@@ -11,7 +11,6 @@ elsewhere stops it).
 from __future__ import annotations
 
 import html
-import json
 import math
 import re
 import sys
@@ -80,17 +79,14 @@ def run_eval_record(checkpoint: PathLike, step: int, images: int, split: str, da
     """The last evaluation the checkpoint's own run logged for this step, split and image count (and data
     path, when the record names one). A record without a split is the run's configured evaluation split,
     so it only counts when the figures use the run's own config (`recorded_config`)."""
+    from nvp_dist.train import records
+
     folder = run_dir(checkpoint)
-    metrics = None if folder is None else folder / "metrics.jsonl"
-    if metrics is None or not metrics.is_file():
+    if folder is None:
         return None
-    found = None
-    for line in metrics.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed run
-        if not isinstance(record, dict) or record.get("event") != "eval":
+    metrics, found = folder / "metrics.jsonl", None
+    for record in records.read(metrics):
+        if record.get("event") != "eval":
             continue
         same_split = record.get("split") == split if "split" in record else recorded_config
         same_data = "data" not in record or record["data"] == data

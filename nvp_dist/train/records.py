@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Iterator
 
 from nvp_dist.train.fsutil import atomic_write
 
@@ -42,15 +43,19 @@ def truncate(path: Path, step: int) -> None:
              step, torn)
 
 
-def has_event(path: Path, event: str, step: int) -> bool:
-    """Whether `path` holds a record of `event` at `step` (unreadable lines ignored)."""
+def read(path: Path) -> Iterator[dict]:
+    """The records of `path` in order, skipping lines that do not parse (a killed run's torn last line)."""
     if not path.is_file():
-        return False
+        return
     for line in path.read_bytes().splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and record.get("event") == event and record.get("step") == step:
-            return True
-    return False
+        if isinstance(record, dict):
+            yield record
+
+
+def has_event(path: Path, event: str, step: int) -> bool:
+    """Whether `path` holds a record of `event` at `step`."""
+    return any(r.get("event") == event and r.get("step") == step for r in read(path))
