@@ -24,6 +24,8 @@ from typing import Iterator, List, Optional
 import aiohttp
 import pytest
 
+from tests.launch_helpers import ServerProcess
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -111,8 +113,9 @@ class Tab:
         self._loop.run_until_complete(self._session.close())
 
 
-class Chromium:
+class Chromium(ServerProcess):
     """One headless chromium process with a throw-away profile under `workdir`."""
+    LOG = "chromium.log"
 
     def __init__(self, workdir: Path, width: int = 1400, height: int = 900) -> None:
         self.workdir, self.width, self.height = workdir, width, height
@@ -124,7 +127,7 @@ class Chromium:
         profile = self.workdir / "profile"
         port_file = profile / "DevToolsActivePort"
         port_file.unlink(missing_ok=True)  # a reused profile's file names the last browser's port
-        log = open(self.workdir / "chromium.log", "ab")
+        log = open(self.workdir / self.LOG, "ab")
         # --no-sandbox: CI runs as root, where chromium refuses its sandbox. Port 0: chromium picks a free
         # port and writes it to DevToolsActivePort in the profile.
         self._proc = subprocess.Popen(
@@ -158,19 +161,8 @@ class Chromium:
         return tab
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._proc = None
+        super().stop()
         self.loop.close()
-
-    def log_tail(self, n: int = 4000) -> str:
-        path = self.workdir / "chromium.log"
-        return path.read_text(errors="replace")[-n:] if path.exists() else ""
 
 
 @pytest.fixture(scope="session")

@@ -96,3 +96,24 @@ def train_and_check_agreement(data: Path, out: Path, *overrides: str) -> None:
     assert "peak_cuda_allocated_mib" not in train[-1]
     digests = [(out / f"weights_rank{r}.sha256").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]
+
+
+class ServerProcess:
+    """A real server a test session runs (Prometheus, Chromium): `_proc`, writing `workdir / LOG`."""
+    LOG = "server.log"
+    workdir: Path
+    _proc: "subprocess.Popen | None" = None
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def log_tail(self, n: int = 4000) -> str:
+        path = self.workdir / self.LOG
+        return path.read_text(errors="replace")[-n:] if path.exists() else ""

@@ -29,6 +29,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 import pytest
 import yaml
 
+from tests.launch_helpers import ServerProcess
+
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "k8s" / "monitoring" / "prometheusrule.yaml"
 
@@ -55,8 +57,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class PrometheusServer:
+class PrometheusServer(ServerProcess):
     """One prometheus process on 127.0.0.1 with a throw-away TSDB under `workdir`."""
+    LOG = "prometheus.log"
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -84,7 +87,7 @@ class PrometheusServer:
         # A free port can be taken between the probe and prometheus's bind; one more try covers that race.
         for _ in range(2):
             self.port = free_port()
-            log = open(self.workdir / "prometheus.log", "ab")
+            log = open(self.workdir / self.LOG, "ab")
             self._proc = subprocess.Popen(
                 ["prometheus", f"--config.file={self.config_file}",
                  f"--storage.tsdb.path={self.workdir / 'tsdb'}",
@@ -101,19 +104,6 @@ class PrometheusServer:
             self.stop()
         raise RuntimeError(f"prometheus did not become ready; log:\n{self.log_tail()}")
 
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._proc = None
-
-    def log_tail(self, n: int = 4000) -> str:
-        path = self.workdir / "prometheus.log"
-        return path.read_text(errors="replace")[-n:] if path.exists() else ""
 
     @contextlib.contextmanager
     def targets(self, name: str, urls: Sequence[str], labels: Mapping[str, str] | None = None) -> Iterator[None]:
